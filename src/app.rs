@@ -1,0 +1,111 @@
+//! Wiring: builds the pool, the broker connection, the ingress and the
+//! consumers for one process, and stops them gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bus::{Broker, Publisher, Topology};
+use crate::config::Config;
+use crate::ingress::{AppState, router};
+use crate::store::{self, secrets::SecretStore};
+use crate::workers::{self, WorkerContext};
+
+/// Which parts of the service this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Ingress and consumers.
+    Run,
+    /// Ingress only.
+    Serve,
+    /// Consumers only.
+    Work,
+}
+
+impl Role {
+    fn serves(self) -> bool {
+        matches!(self, Role::Run | Role::Serve)
+    }
+    fn works(self) -> bool {
+        matches!(self, Role::Run | Role::Work)
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Role::Run => "run",
+            Role::Serve => "serve",
+            Role::Work => "work",
+        }
+    }
+}
+
+/// A started service.
+pub struct Running {
+    /// Where the ingress listens (port 0 resolved), if this role serves.
+    pub addr: Option<SocketAddr>,
+    pub shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    broker: Arc<Broker>,
+    grace: std::time::Duration,
+}
+
+impl Running {
+    /// Stops taking work, lets the requests and the batch in flight finish
+    /// (for at most `SHUTDOWN_GRACE`), then closes the broker connection.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+
+    /// Waits until the service has stopped (after `shutdown` is cancelled).
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        let all = futures_util::future::join_all(self.tasks);
+        if tokio::time::timeout(self.grace, all).await.is_err() {
+            warn!(grace = ?self.grace, "shutdown grace elapsed; exiting with work in flight");
+        }
+        self.broker.close().await;
+    }
+}
+
+pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
+    let pool = store::pool(&cfg, &format!("micro8gents-{}", role.name()))?;
+    let topology = Topology::new(&cfg.amqp_prefix, &cfg.retry_delays);
+    let conn_name = format!("micro8gents-{}-{}", role.name(), std::process::id());
+    let broker = Arc::new(Broker::new(cfg.amqp_url.expose(), &conn_name, topology.clone()));
+    if let Err(e) = broker.ping().await {
+        warn!(error = %e, "RabbitMQ is not reachable yet; will keep trying");
+    }
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut addr = None;
+
+    if role.works() {
+        let ctx = Arc::new(WorkerContext::new(&cfg, pool.clone(), broker.clone(), topology.clone()));
+        tasks.push(tokio::spawn(workers::run(ctx, shutdown.clone())));
+    }
+    if role.serves() {
+        let listener = TcpListener::bind(cfg.listen_addr).await?;
+        addr = Some(listener.local_addr()?);
+        info!(addr = %listener.local_addr()?, "ingress listening");
+        let state = Arc::new(AppState {
+            publisher: Publisher::new(broker.clone(), cfg.publish_timeout),
+            secrets: SecretStore::new(pool.clone(), cfg.secret_cache_ttl),
+            broker: broker.clone(),
+            pool: pool.clone(),
+            topology,
+            cfg: cfg.clone(),
+        });
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let server = axum::serve(listener, router(state)).with_graceful_shutdown(token.cancelled_owned());
+            if let Err(e) = server.await {
+                warn!(error = %e, "ingress stopped");
+            }
+        }));
+    }
+    Ok(Running { addr, shutdown, tasks, broker, grace: cfg.shutdown_grace })
+}

@@ -1,0 +1,245 @@
+//! What carries events: one RabbitMQ connection per process, channels made on
+//! demand, and a publisher that only reports success once the broker has
+//! confirmed the message (publisher confirms + `mandatory`).
+
+pub mod topology;
+
+use std::sync::Mutex as StdMutex;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use crate::events::Envelope;
+pub use topology::Topology;
+
+/// Header counting how many times a message has been tried (1 on first publish).
+pub const ATTEMPT_HEADER: &str = "x-attempt";
+/// Header carrying why a message was retried or parked.
+pub const ERROR_HEADER: &str = "x-last-error";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed connect, callers are refused at once for this long: no busy reconnect loop.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("the broker is unreachable: {0}")]
+    Unavailable(String),
+    #[error("the broker refused the message: {0}")]
+    Refused(&'static str),
+    #[error("no publish confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// The process's broker connection, re-established lazily after it breaks.
+pub struct Broker {
+    url: String,
+    name: String,
+    topology: Topology,
+    conn: Mutex<Option<Connection>>,
+    last_failure: StdMutex<Option<Instant>>,
+}
+
+impl Broker {
+    /// The topology is declared on every (re)connect, so a broker that lost it
+    /// (a fresh node, a deleted queue) gets it back without a restart.
+    pub fn new(url: &str, name: &str, topology: Topology) -> Self {
+        Broker {
+            url: url.to_string(),
+            name: name.to_string(),
+            topology,
+            conn: Mutex::new(None),
+            last_failure: StdMutex::new(None),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// A new channel on the live connection, connecting first if needed.
+    pub async fn channel(&self) -> Result<Channel, BusError> {
+        let mut conn = self.conn.lock().await;
+        if let Some(c) = conn.as_ref().filter(|c| c.status().connected()) {
+            return Ok(c.create_channel().await?);
+        }
+        *conn = None;
+        let fresh = self.connect().await?;
+        let ch = fresh.create_channel().await?;
+        *conn = Some(fresh);
+        Ok(ch)
+    }
+
+    /// A channel in publisher-confirm mode.
+    pub async fn confirm_channel(&self) -> Result<Channel, BusError> {
+        let ch = self.channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(ch)
+    }
+
+    /// Connected now, or connects (subject to the reconnect back-off).
+    pub async fn ping(&self) -> Result<(), BusError> {
+        let mut conn = self.conn.lock().await;
+        if conn.as_ref().is_some_and(|c| c.status().connected()) {
+            return Ok(());
+        }
+        *conn = Some(self.connect().await?);
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<Connection, BusError> {
+        let recent = self.last_failure.lock().unwrap().is_some_and(|t| t.elapsed() < RECONNECT_BACKOFF);
+        if recent {
+            return Err(BusError::Unavailable("reconnect backing off".into()));
+        }
+        let props = ConnectionProperties::default().with_connection_name(LongString::from(self.name.clone()));
+        let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_and_declare(props)).await;
+        let outcome = match result {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
+            Err(_) => Err(BusError::Unavailable(format!("connect timed out after {CONNECT_TIMEOUT:?}"))),
+        };
+        *self.last_failure.lock().unwrap() = outcome.as_ref().err().map(|_| Instant::now());
+        outcome
+    }
+
+    async fn connect_and_declare(&self, props: ConnectionProperties) -> lapin::Result<Connection> {
+        let conn = Connection::connect(&self.url, props).await?;
+        let ch = conn.create_channel().await?;
+        self.topology.declare(&ch).await?;
+        ch.close(200, "declared".into()).await?;
+        Ok(conn)
+    }
+
+    pub async fn close(&self) {
+        if let Some(c) = self.conn.lock().await.take() {
+            let _ = c.close(200, "shutdown".into()).await;
+        }
+    }
+}
+
+/// Publishes messages and waits for the broker's confirm of each.
+pub struct Publisher {
+    broker: std::sync::Arc<Broker>,
+    timeout: Duration,
+    channel: Mutex<Option<Channel>>,
+}
+
+/// What goes out: where, and with which headers.
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub message_id: &'a str,
+    pub kind: &'a str,
+    pub attempt: i64,
+    pub error: Option<&'a str>,
+}
+
+impl Publisher {
+    pub fn new(broker: std::sync::Arc<Broker>, timeout: Duration) -> Self {
+        Publisher { broker, timeout, channel: Mutex::new(None) }
+    }
+
+    /// Publishes an envelope to the events exchange, first attempt.
+    pub async fn publish_envelope(&self, topo: &Topology, env: &Envelope) -> Result<(), BusError> {
+        let body = env.to_json();
+        let out = Outgoing {
+            exchange: &topo.events_exchange(),
+            routing_key: env.event.family().as_str(),
+            body: &body,
+            message_id: &env.key,
+            kind: env.event.kind(),
+            attempt: 1,
+            error: None,
+        };
+        self.publish(&out).await
+    }
+
+    /// Returns once the broker has taken responsibility for the message.
+    pub async fn publish(&self, out: &Outgoing<'_>) -> Result<(), BusError> {
+        let ch = self.channel().await?;
+        let result = self.publish_on(&ch, out).await;
+        if result.is_err() && !ch.status().connected() {
+            self.channel.lock().await.take();
+        }
+        result
+    }
+
+    async fn publish_on(&self, ch: &Channel, out: &Outgoing<'_>) -> Result<(), BusError> {
+        let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let props = properties(out);
+        let confirm = ch.basic_publish(out.exchange.into(), out.routing_key.into(), opts, out.body, props).await?;
+        let confirmation = match tokio::time::timeout(self.timeout, confirm).await {
+            Ok(c) => c?,
+            Err(_) => return Err(BusError::ConfirmTimeout(self.timeout)),
+        };
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BusError::Refused("unroutable (no queue bound)")),
+            Confirmation::Nack(_) => Err(BusError::Refused("nack")),
+            Confirmation::NotRequested => Err(BusError::Refused("confirms not enabled")),
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, BusError> {
+        let mut slot = self.channel.lock().await;
+        if let Some(ch) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(ch.clone());
+        }
+        let ch = self.broker.confirm_channel().await?;
+        *slot = Some(ch.clone());
+        Ok(ch)
+    }
+}
+
+fn properties(out: &Outgoing<'_>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(out.attempt));
+    if let Some(e) = out.error {
+        headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(LongString::from(e.to_string())));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(ShortString::from(truncate(out.message_id, 255)))
+        .with_type(out.kind.into())
+        .with_timestamp(chrono::Utc::now().timestamp() as u64)
+        .with_headers(headers)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Reads a header as an integer, whatever integer type the sender used.
+pub fn header_int(props: &BasicProperties, name: &str) -> Option<i64> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        _ => None,
+    }
+}
+
+/// Reads a header as text.
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::LongString(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        AMQPValue::ShortString(v) => Some(v.as_str().to_string()),
+        _ => None,
+    }
+}

@@ -1,0 +1,338 @@
+//! Settings, read once from the environment and validated at start.
+//!
+//! Every setting has a default that works against the local services and the
+//! project's docker-compose.yml. A bad value stops the process with one line
+//! that names the variable (`ConfigError`'s Display).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A value that must never reach a log line or an answer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A connection URL whose password must not be printed.
+#[derive(Clone)]
+pub struct ConnUrl(String);
+
+impl ConnUrl {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with its password replaced, fit for logs and `micro8gents config`.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("redacted"));
+                u.to_string()
+            }
+            Ok(u) => u.to_string(),
+            Err(_) => "[unparsable url]".to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for ConnUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: ConnUrl,
+    pub amqp_url: ConnUrl,
+    /// Prefix of every exchange and queue name; lets environments (and tests) share a broker.
+    pub amqp_prefix: String,
+    pub listen_addr: SocketAddr,
+    /// Scheme, host and optional path prefix that Twilio calls; no trailing slash.
+    pub public_base_url: String,
+    pub stripe_webhook_secrets: Vec<Secret>,
+    pub body_limit_bytes: usize,
+    pub publish_timeout: Duration,
+    pub secret_cache_ttl: Duration,
+    pub db_max_connections: u32,
+    pub db_acquire_timeout: Duration,
+    pub db_statement_timeout: Duration,
+    pub prefetch: u16,
+    pub batch_size: usize,
+    pub batch_wait: Duration,
+    /// Delays between the tries of an event that cannot be applied yet; one try more than delays.
+    pub retry_delays: Vec<Duration>,
+    pub shutdown_grace: Duration,
+    pub log_json: bool,
+}
+
+/// One bad setting, named.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {name}: {problem}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub problem: String,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/micro8gents";
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(&std::env::vars().collect())
+    }
+
+    /// Reads settings from a map, so tests can check validation without touching the environment.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let env = Env(vars);
+        let cfg = Config {
+            database_url: ConnUrl::new(env.url("DATABASE_URL", DEFAULT_DATABASE_URL, &["postgres", "postgresql"])?),
+            amqp_url: ConnUrl::new(env.url("AMQP_URL", DEFAULT_AMQP_URL, &["amqp", "amqps"])?),
+            amqp_prefix: env.name("AMQP_PREFIX", "micro8gents")?,
+            listen_addr: env.parsed("LISTEN_ADDR", "0.0.0.0:8080", "an address like 0.0.0.0:8080")?,
+            public_base_url: env.base_url("PUBLIC_BASE_URL", "http://localhost:8080")?,
+            stripe_webhook_secrets: env.secret_list("STRIPE_WEBHOOK_SECRET")?,
+            body_limit_bytes: env.body_limit("BODY_LIMIT_BYTES", 1024 * 1024)?,
+            publish_timeout: env.duration("PUBLISH_TIMEOUT", "5s")?,
+            secret_cache_ttl: env.duration("SECRET_CACHE_TTL", "2s")?,
+            db_max_connections: env.positive("DATABASE_MAX_CONNECTIONS", 16)?,
+            db_acquire_timeout: env.duration("DATABASE_ACQUIRE_TIMEOUT", "5s")?,
+            db_statement_timeout: env.duration("DATABASE_STATEMENT_TIMEOUT", "10s")?,
+            prefetch: env.positive("PREFETCH", 200)?,
+            batch_size: env.positive("BATCH_SIZE", 100)?,
+            batch_wait: env.duration("BATCH_WAIT", "5ms")?,
+            retry_delays: env.duration_list("RETRY_DELAYS", "5s,30s,2m,10m,1h")?,
+            shutdown_grace: env.duration("SHUTDOWN_GRACE", "20s")?,
+            log_json: env.log_format("LOG_FORMAT")?,
+        };
+        Ok(cfg)
+    }
+
+    /// The effective settings, secrets redacted, one `NAME=value` per line.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let secrets = if self.stripe_webhook_secrets.is_empty() {
+            "(unset)".to_string()
+        } else {
+            format!("[{} redacted]", self.stripe_webhook_secrets.len())
+        };
+        vec![
+            ("DATABASE_URL", self.database_url.redacted()),
+            ("AMQP_URL", self.amqp_url.redacted()),
+            ("AMQP_PREFIX", self.amqp_prefix.clone()),
+            ("LISTEN_ADDR", self.listen_addr.to_string()),
+            ("PUBLIC_BASE_URL", self.public_base_url.clone()),
+            ("STRIPE_WEBHOOK_SECRET", secrets),
+            ("BODY_LIMIT_BYTES", self.body_limit_bytes.to_string()),
+            ("PUBLISH_TIMEOUT", fmt_duration(self.publish_timeout)),
+            ("SECRET_CACHE_TTL", fmt_duration(self.secret_cache_ttl)),
+            ("DATABASE_MAX_CONNECTIONS", self.db_max_connections.to_string()),
+            ("DATABASE_ACQUIRE_TIMEOUT", fmt_duration(self.db_acquire_timeout)),
+            ("DATABASE_STATEMENT_TIMEOUT", fmt_duration(self.db_statement_timeout)),
+            ("PREFETCH", self.prefetch.to_string()),
+            ("BATCH_SIZE", self.batch_size.to_string()),
+            ("BATCH_WAIT", fmt_duration(self.batch_wait)),
+            ("RETRY_DELAYS", self.retry_delays.iter().map(|d| fmt_duration(*d)).collect::<Vec<_>>().join(",")),
+            ("SHUTDOWN_GRACE", fmt_duration(self.shutdown_grace)),
+            ("LOG_FORMAT", if self.log_json { "json" } else { "text" }.to_string()),
+        ]
+    }
+}
+
+struct Env<'a>(&'a HashMap<String, String>);
+
+impl Env<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    fn parsed<T: FromStr>(&self, name: &'static str, default: &str, expected: &str) -> Result<T, ConfigError> {
+        let raw = self.get(name).unwrap_or(default);
+        raw.parse().map_err(|_| bad(name, format!("{raw:?} is not {expected}")))
+    }
+
+    fn positive<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr + Default + PartialOrd + fmt::Display,
+    {
+        let Some(raw) = self.get(name) else { return Ok(default) };
+        match raw.parse::<T>() {
+            Ok(v) if v > T::default() => Ok(v),
+            _ => Err(bad(name, format!("{raw:?} is not a positive whole number"))),
+        }
+    }
+
+    fn url(&self, name: &'static str, default: &str, schemes: &[&str]) -> Result<String, ConfigError> {
+        let raw = self.get(name).unwrap_or(default);
+        // The value may hold a password: never echo it.
+        let parsed = url::Url::parse(raw).map_err(|e| bad(name, format!("not a URL ({e})")))?;
+        if !schemes.contains(&parsed.scheme()) {
+            return Err(bad(name, format!("scheme must be one of {}", schemes.join(", "))));
+        }
+        Ok(raw.to_string())
+    }
+
+    fn base_url(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let raw = self.get(name).unwrap_or(default);
+        let parsed = url::Url::parse(raw).map_err(|e| bad(name, format!("{raw:?} is not a URL ({e})")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(bad(name, format!("{raw:?} must be an http or https URL with a host")));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(bad(name, format!("{raw:?} must not have a query or fragment")));
+        }
+        Ok(raw.trim_end_matches('/').to_string())
+    }
+
+    fn name(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let raw = self.get(name).unwrap_or(default);
+        let ok = raw.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !ok || raw.len() > 100 {
+            return Err(bad(name, format!("{raw:?} may only hold letters, digits, '-', '_' and '.'")));
+        }
+        Ok(raw.to_string())
+    }
+
+    fn secret_list(&self, name: &'static str) -> Result<Vec<Secret>, ConfigError> {
+        let Some(raw) = self.get(name) else { return Ok(Vec::new()) };
+        let secrets: Vec<Secret> = raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(Secret::new).collect();
+        if secrets.iter().any(|s| !s.expose().starts_with("whsec_")) {
+            return Err(bad(name, "every secret must start with whsec_ (value not shown)".into()));
+        }
+        Ok(secrets)
+    }
+
+    fn body_limit(&self, name: &'static str, default: usize) -> Result<usize, ConfigError> {
+        let limit = self.positive(name, default)?;
+        if limit > 1024 * 1024 {
+            return Err(bad(name, format!("{limit} is above the contract's 1 MiB (1048576) ceiling")));
+        }
+        Ok(limit)
+    }
+
+    fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let raw = self.get(name).unwrap_or(default);
+        parse_duration(raw).map_err(|p| bad(name, p))
+    }
+
+    fn duration_list(&self, name: &'static str, default: &str) -> Result<Vec<Duration>, ConfigError> {
+        let raw = self.get(name).unwrap_or(default);
+        let delays = raw.split(',').map(|d| parse_duration(d.trim())).collect::<Result<Vec<_>, _>>();
+        let delays = delays.map_err(|p| bad(name, p))?;
+        if delays.is_empty() || delays.iter().any(|d| d.is_zero()) {
+            return Err(bad(name, "needs one or more delays above zero".into()));
+        }
+        Ok(delays)
+    }
+
+    fn log_format(&self, name: &'static str) -> Result<bool, ConfigError> {
+        match self.get(name).unwrap_or("text") {
+            "json" => Ok(true),
+            "text" => Ok(false),
+            other => Err(bad(name, format!("{other:?} is neither \"text\" nor \"json\""))),
+        }
+    }
+}
+
+fn bad(name: &'static str, problem: String) -> ConfigError {
+    ConfigError { name, problem }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{raw:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{raw:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+pub fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        ms if ms % 3_600_000 == 0 && ms > 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 && ms > 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_work_against_local_services() {
+        let cfg = Config::from_vars(&HashMap::new()).unwrap();
+        assert_eq!(cfg.listen_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(cfg.body_limit_bytes, 1024 * 1024);
+        assert_eq!(cfg.retry_delays.len(), 5);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (name, value) in [
+            ("LISTEN_ADDR", "nope"),
+            ("PUBLIC_BASE_URL", "ftp://x"),
+            ("BODY_LIMIT_BYTES", "2000000"),
+            ("PREFETCH", "0"),
+            ("RETRY_DELAYS", "5s,soon"),
+            ("AMQP_URL", "http://x"),
+            ("LOG_FORMAT", "xml"),
+        ] {
+            let err = Config::from_vars(&vars(&[(name, value)])).unwrap_err();
+            assert_eq!(err.name, name);
+            assert!(err.to_string().starts_with(&format!("invalid setting {name}:")), "{err}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let cfg = Config::from_vars(&vars(&[
+            ("STRIPE_WEBHOOK_SECRET", "whsec_aaa,whsec_bbb"),
+            ("DATABASE_URL", "postgres://u:hunter2@db/x"),
+        ]))
+        .unwrap();
+        let shown = format!("{cfg:?} {:?}", cfg.describe());
+        assert!(!shown.contains("whsec_aaa") && !shown.contains("hunter2"), "{shown}");
+        assert_eq!(cfg.stripe_webhook_secrets.len(), 2);
+        let err = Config::from_vars(&vars(&[("STRIPE_WEBHOOK_SECRET", "sk_live_oops")])).unwrap_err();
+        assert!(!err.to_string().contains("sk_live_oops"));
+    }
+
+    #[test]
+    fn durations_round_trip() {
+        for raw in ["250ms", "5s", "2m", "1h"] {
+            assert_eq!(fmt_duration(parse_duration(raw).unwrap()), raw);
+        }
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+    }
+}

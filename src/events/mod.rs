@@ -1,0 +1,146 @@
+//! What is carried: the versioned envelope every accepted webhook travels in,
+//! from the ingress through RabbitMQ to a worker.
+//!
+//! The wire form is JSON. `version` lets a worker refuse (dead-letter) a message
+//! written by a newer ingress instead of misreading it.
+
+pub mod twilio;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub const ENVELOPE_VERSION: u16 = 1;
+
+/// A `businesses.id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BusinessId(pub i32);
+
+impl std::fmt::Display for BusinessId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Twilio,
+    Stripe,
+    N8n,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Twilio => "twilio",
+            Provider::Stripe => "stripe",
+            Provider::N8n => "n8n",
+        }
+    }
+}
+
+/// The queue family an event is carried on; each has its own queue, retry queues and DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Calls,
+    Billing,
+    Bookings,
+}
+
+impl Family {
+    pub const ALL: [Family; 3] = [Family::Calls, Family::Billing, Family::Bookings];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Calls => "calls",
+            Family::Billing => "billing",
+            Family::Bookings => "bookings",
+        }
+    }
+}
+
+/// One accepted webhook, verified and parsed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: u16,
+    /// De-duplication key: the same provider event always gets the same key.
+    pub key: String,
+    pub business_id: Option<BusinessId>,
+    pub received_at: DateTime<Utc>,
+    /// The ingress request that accepted it, for logs.
+    pub request_id: String,
+    pub event: Event,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data", rename_all = "snake_case")]
+pub enum Event {
+    TwilioCallStatus(twilio::CallStatusEvent),
+    TwilioRecording(twilio::RecordingEvent),
+    TwilioTranscription(twilio::TranscriptionEvent),
+}
+
+impl Event {
+    pub fn provider(&self) -> Provider {
+        match self {
+            Event::TwilioCallStatus(_) | Event::TwilioRecording(_) | Event::TwilioTranscription(_) => Provider::Twilio,
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            Event::TwilioCallStatus(_) | Event::TwilioRecording(_) | Event::TwilioTranscription(_) => Family::Calls,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::TwilioCallStatus(_) => "twilio_call_status",
+            Event::TwilioRecording(_) => "twilio_recording",
+            Event::TwilioTranscription(_) => "twilio_transcription",
+        }
+    }
+
+    /// The Twilio CallSid the event is about, for logs and spans.
+    pub fn call_sid(&self) -> Option<&str> {
+        match self {
+            Event::TwilioCallStatus(e) => Some(&e.call_sid),
+            Event::TwilioRecording(e) => Some(&e.call_sid),
+            Event::TwilioTranscription(e) => Some(&e.call_sid),
+        }
+    }
+}
+
+impl Envelope {
+    pub fn new(key: String, business_id: Option<BusinessId>, request_id: String, event: Event) -> Self {
+        Envelope { version: ENVELOPE_VERSION, key, business_id, received_at: Utc::now(), request_id, event }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serialises")
+    }
+
+    /// Decodes a message body; any error is permanent for that message.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))?;
+        if env.version != ENVELOPE_VERSION {
+            return Err(format!("envelope version {} is not {ENVELOPE_VERSION}", env.version));
+        }
+        Ok(env)
+    }
+}
+
+/// A field that failed validation, named for the sender (422).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {rule}")]
+pub struct FieldError {
+    pub field: String,
+    pub rule: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, rule: impl Into<String>) -> Self {
+        FieldError { field: field.into(), rule: rule.into() }
+    }
+}

@@ -1,0 +1,19 @@
+//! Micro8gents webhook worker.
+//!
+//! The folders tell the data flow:
+//! - `ingress`: what receives (axum handlers, one per provider);
+//! - `verify`: what verifies (pure signature checks, no I/O);
+//! - `events`: what is carried (the versioned envelope and the typed events);
+//! - `bus`: how it is carried (RabbitMQ topology, connection, confirmed publishing);
+//! - `workers/` (top level): what applies (consumers, one module per event family);
+//! - `store`: what stores (pool, migrations, secret lookups).
+
+pub mod app;
+pub mod bus;
+pub mod config;
+pub mod events;
+pub mod ingress;
+pub mod store;
+pub mod verify;
+#[path = "../workers/mod.rs"]
+pub mod workers;

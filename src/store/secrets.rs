@@ -1,0 +1,102 @@
+//! Per-business signing secrets, from `public.integrations`, cached briefly.
+//!
+//! A cached answer is trusted for `ttl`; a signature that fails against the
+//! cache is checked again against a fresh read before it is refused, so a new
+//! secret works the moment it is saved, and a removed or deactivated one stops
+//! working within `ttl` (see docs/adr/0004-secret-cache.md).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+use crate::config::Secret;
+use crate::events::BusinessId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IntegrationKind {
+    /// `config.auth_token`
+    Twilio,
+    /// `config.webhook_secret`
+    N8n,
+}
+
+impl IntegrationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntegrationKind::Twilio => "twilio",
+            IntegrationKind::N8n => "n8n",
+        }
+    }
+
+    fn config_field(self) -> &'static str {
+        match self {
+            IntegrationKind::Twilio => "auth_token",
+            IntegrationKind::N8n => "webhook_secret",
+        }
+    }
+}
+
+/// What the database says about a business's integration of one kind.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    UnknownBusiness,
+    /// The business exists but has no active integration of that kind holding a secret.
+    NoActiveIntegration,
+    /// Every active integration's secret (usually one; two during a hand-over).
+    Secrets(Arc<[Secret]>),
+}
+
+pub struct SecretStore {
+    pool: PgPool,
+    ttl: Duration,
+    cache: Mutex<HashMap<(BusinessId, IntegrationKind), (Instant, Lookup)>>,
+}
+
+impl SecretStore {
+    pub fn new(pool: PgPool, ttl: Duration) -> Self {
+        SecretStore { pool, ttl, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// The cached answer if it is younger than the TTL, else a fresh one.
+    pub async fn get(&self, business: BusinessId, kind: IntegrationKind) -> Result<Lookup, sqlx::Error> {
+        let cached = self.cache.lock().unwrap().get(&(business, kind)).cloned();
+        match cached {
+            Some((at, lookup)) if at.elapsed() < self.ttl => Ok(lookup),
+            _ => self.fresh(business, kind).await,
+        }
+    }
+
+    /// Reads the database, bypassing (and refreshing) the cache.
+    pub async fn fresh(&self, business: BusinessId, kind: IntegrationKind) -> Result<Lookup, sqlx::Error> {
+        let lookup = self.read(business, kind).await?;
+        self.cache.lock().unwrap().insert((business, kind), (Instant::now(), lookup.clone()));
+        Ok(lookup)
+    }
+
+    async fn read(&self, business: BusinessId, kind: IntegrationKind) -> Result<Lookup, sqlx::Error> {
+        let rows: Vec<(Option<String>,)> = sqlx::query_as(
+            "SELECT i.config ->> $3
+               FROM public.businesses b
+               LEFT JOIN public.integrations i
+                 ON i.business_id = b.id AND i.type = $2 AND i.status = 'active'
+              WHERE b.id = $1
+              ORDER BY i.id DESC",
+        )
+        .bind(business.0)
+        .bind(kind.as_str())
+        .bind(kind.config_field())
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Lookup::UnknownBusiness);
+        }
+        let secrets: Vec<Secret> =
+            rows.into_iter().filter_map(|(s,)| s).filter(|s| !s.is_empty()).map(Secret::new).collect();
+        if secrets.is_empty() {
+            return Ok(Lookup::NoActiveIntegration);
+        }
+        Ok(Lookup::Secrets(secrets.into()))
+    }
+}

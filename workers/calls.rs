@@ -1,0 +1,312 @@
+//! Applies Twilio's call-status, recording and transcription callbacks to `public.calls`.
+//!
+//! Order is never assumed. Each call's row in `webhook_worker.twilio_calls` is
+//! locked for the transaction and holds what the guard needs; the decision of
+//! what to write is a pure function ([`plan_status`]) of that state and the event.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::PgConnection;
+
+use super::{ApplyError, Outcome};
+use crate::events::BusinessId;
+use crate::events::twilio::{CallStatusEvent, RecordingEvent, TranscriptionEvent};
+
+/// What the worker knows of one call, read under a row lock.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct CallState {
+    pub call_id: Option<i32>,
+    pub last_sequence: Option<i64>,
+    pub reached_final: bool,
+    pub transferred: bool,
+    pub first_event_at: Option<NaiveDateTime>,
+}
+
+/// The columns of `public.calls` to set; `None` leaves a column as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallChange {
+    pub status: Option<&'static str>,
+    pub start_time: Option<NaiveDateTime>,
+    pub end_time: Option<NaiveDateTime>,
+    pub duration: Option<String>,
+    pub phone: Option<String>,
+    pub caller: Option<String>,
+    pub recording: Option<String>,
+    pub transcript: Option<String>,
+}
+
+/// Decides what a status callback changes. A callback moves the call's status
+/// only if it ranks above the last one applied: a final status outranks any
+/// non-final one, and within the same finality the higher `SequenceNumber` wins.
+/// Start time, number and name are filled in whatever the order.
+pub fn plan_status(state: &CallState, e: &CallStatusEvent, at: NaiveDateTime) -> (CallChange, CallState) {
+    let mut change = CallChange::default();
+    let mut next = state.clone();
+    let rank = (e.status.is_final(), e.sequence.unwrap_or(-1));
+    let applied = state.last_sequence.is_some() || state.reached_final;
+    let current = (state.reached_final, state.last_sequence.unwrap_or(-1));
+    if !applied || rank > current {
+        change.status = Some(if state.transferred { "transferred" } else { e.status.db_status() });
+        next.last_sequence = Some(rank.1);
+        next.reached_final = rank.0;
+        if rank.0 {
+            change.end_time = Some(at);
+            change.duration = e.call_duration.map(minutes_seconds);
+        }
+    }
+    if state.first_event_at.is_none_or(|first| at < first) {
+        change.start_time = Some(at);
+        next.first_event_at = Some(at);
+    }
+    change.phone = e.caller_number().map(|p| clip(p, 20));
+    change.caller = e.caller_name.as_deref().map(|c| clip(c, 100));
+    (change, next)
+}
+
+/// `125` seconds is `2:05`.
+pub fn minutes_seconds(seconds: i64) -> String {
+    format!("{}:{:02}", seconds / 60, seconds % 60)
+}
+
+/// The seed's varchar lengths are hard limits; a longer value would fail the
+/// whole event, so it is cut (on a character boundary) instead.
+fn clip(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+fn naive(t: DateTime<Utc>) -> NaiveDateTime {
+    t.naive_utc()
+}
+
+pub async fn apply_status(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    e: &CallStatusEvent,
+    received_at: DateTime<Utc>,
+) -> Result<Outcome, ApplyError> {
+    let at = naive(e.timestamp.unwrap_or(received_at));
+    if let Some(parent) = &e.parent_call_sid {
+        return mark_transferred(tx, business, parent, at).await;
+    }
+    let state = lock_call(tx, business, &e.call_sid).await?;
+    let (change, next) = plan_status(&state, e, at);
+    write_call(tx, business, &e.call_sid, &state, &change, &next).await?;
+    Ok(if change.status.is_some() {
+        Outcome::Applied
+    } else {
+        Outcome::Ignored("older than the call's current status")
+    })
+}
+
+/// A leg with a `ParentCallSid` handed the caller to a person: the parent call
+/// becomes `transferred` for good, and the leg gets no row of its own. A leg
+/// that arrives before its parent creates the parent's row, so the order of
+/// arrival does not matter.
+async fn mark_transferred(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    parent: &str,
+    at: NaiveDateTime,
+) -> Result<Outcome, ApplyError> {
+    let state = lock_call(tx, business, parent).await?;
+    let change = CallChange {
+        status: Some("transferred"),
+        start_time: state.call_id.is_none().then_some(at),
+        ..Default::default()
+    };
+    let next = CallState { transferred: true, ..state.clone() };
+    write_call(tx, business, parent, &state, &change, &next).await?;
+    Ok(Outcome::Applied)
+}
+
+pub async fn apply_recording(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    e: &RecordingEvent,
+    received_at: DateTime<Utc>,
+) -> Result<Outcome, ApplyError> {
+    let Some(url) = e.url.as_ref().filter(|_| e.status == "completed") else {
+        return Ok(Outcome::Ignored("recording not completed"));
+    };
+    let state = lock_call(tx, business, &e.call_sid).await?;
+    let change = CallChange {
+        recording: Some(url.clone()),
+        start_time: state.call_id.is_none().then(|| naive(e.start_time.unwrap_or(received_at))),
+        ..Default::default()
+    };
+    write_call(tx, business, &e.call_sid, &state, &change, &state).await?;
+    Ok(Outcome::Applied)
+}
+
+pub async fn apply_transcription(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    e: &TranscriptionEvent,
+    received_at: DateTime<Utc>,
+) -> Result<Outcome, ApplyError> {
+    let Some(text) = e.text.as_ref().filter(|_| e.status == "completed") else {
+        return Ok(Outcome::Ignored("transcription not completed"));
+    };
+    let state = lock_call(tx, business, &e.call_sid).await?;
+    let change = CallChange {
+        transcript: Some(text.clone()),
+        start_time: state.call_id.is_none().then(|| naive(received_at)),
+        ..Default::default()
+    };
+    write_call(tx, business, &e.call_sid, &state, &change, &state).await?;
+    Ok(Outcome::Applied)
+}
+
+/// Finds or makes the call's state row and locks it until the transaction ends,
+/// so two workers applying callbacks of one call take turns.
+async fn lock_call(tx: &mut PgConnection, business: BusinessId, call_sid: &str) -> Result<CallState, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO webhook_worker.twilio_calls (business_id, call_sid) VALUES ($1, $2)
+         ON CONFLICT (business_id, call_sid) DO UPDATE SET call_sid = EXCLUDED.call_sid
+         RETURNING call_id, last_sequence, reached_final, transferred, first_event_at",
+    )
+    .bind(business.0)
+    .bind(call_sid)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// Writes the change to `public.calls` (creating the row on the call's first
+/// event) and the new guard state, in one statement.
+async fn write_call(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    call_sid: &str,
+    state: &CallState,
+    c: &CallChange,
+    next: &CallState,
+) -> Result<(), sqlx::Error> {
+    let sql = if state.call_id.is_none() {
+        "WITH c AS (
+            INSERT INTO public.calls (business_id, status, start_time, end_time, duration, phone, caller, recording, transcript)
+            VALUES ($1, COALESCE($4::text, 'in-progress')::public.call_status, COALESCE($5, (now() AT TIME ZONE 'UTC')),
+                    $6, $7, $8, $9, $10, $11)
+            RETURNING id)
+         UPDATE webhook_worker.twilio_calls m
+            SET call_id = c.id, last_sequence = $12, reached_final = $13, transferred = $14, first_event_at = $15
+           FROM c WHERE m.business_id = $1 AND m.call_sid = $2"
+    } else {
+        "WITH c AS (
+            UPDATE public.calls SET
+                status = COALESCE($4::text::public.call_status, status),
+                start_time = COALESCE($5, start_time),
+                end_time = COALESCE($6, end_time),
+                duration = COALESCE($7, duration),
+                phone = COALESCE($8, phone),
+                caller = COALESCE($9, caller),
+                recording = COALESCE($10, recording),
+                transcript = COALESCE($11, transcript)
+             WHERE id = $3
+            RETURNING id)
+         UPDATE webhook_worker.twilio_calls m
+            SET last_sequence = $12, reached_final = $13, transferred = $14, first_event_at = $15
+          WHERE m.business_id = $1 AND m.call_sid = $2"
+    };
+    sqlx::query(sql)
+        .bind(business.0)
+        .bind(call_sid)
+        .bind(state.call_id)
+        .bind(c.status)
+        .bind(c.start_time)
+        .bind(c.end_time)
+        .bind(c.duration.as_deref())
+        .bind(c.phone.as_deref())
+        .bind(c.caller.as_deref())
+        .bind(c.recording.as_deref())
+        .bind(c.transcript.as_deref())
+        .bind(next.last_sequence)
+        .bind(next.reached_final)
+        .bind(next.transferred)
+        .bind(next.first_event_at)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::twilio::CallStatus;
+
+    fn at(secs: u32) -> NaiveDateTime {
+        chrono::NaiveDate::from_ymd_opt(2025, 11, 25).unwrap().and_hms_opt(12, 0, secs).unwrap()
+    }
+
+    fn event(status: CallStatus, seq: i64) -> CallStatusEvent {
+        CallStatusEvent {
+            call_sid: "CA1".into(),
+            parent_call_sid: None,
+            status,
+            sequence: Some(seq),
+            timestamp: None,
+            direction: Some("inbound".into()),
+            from: Some("+14155552671".into()),
+            to: Some("+15005550006".into()),
+            caller_name: None,
+            call_duration: status.is_final().then_some(125),
+        }
+    }
+
+    /// Applies events in the given order and returns the final status, start and end.
+    fn run(events: &[(CallStatus, i64, u32)]) -> (Option<&'static str>, CallState, Option<NaiveDateTime>) {
+        let mut state = CallState::default();
+        let (mut status, mut end) = (None, None);
+        for (s, seq, t) in events {
+            let (change, next) = plan_status(&state, &event(*s, *seq), at(*t));
+            status = change.status.or(status);
+            end = change.end_time.or(end);
+            state = next;
+        }
+        (status, state, end)
+    }
+
+    #[test]
+    fn any_order_ends_in_the_same_state() {
+        use CallStatus::*;
+        let calls = [(Ringing, 1, 1), (InProgress, 2, 3), (Completed, 3, 9)];
+        let in_order = run(&calls);
+        assert_eq!(in_order.0, Some("completed"));
+        assert_eq!(in_order.1.first_event_at, Some(at(1)));
+        assert_eq!(in_order.2, Some(at(9)));
+        for perm in [[2, 1, 0], [2, 0, 1], [0, 2, 1], [1, 0, 2], [1, 2, 0]] {
+            let shuffled: Vec<_> = perm.iter().map(|i| calls[*i]).collect();
+            assert_eq!(run(&shuffled), in_order, "{perm:?}");
+        }
+    }
+
+    #[test]
+    fn a_late_non_final_never_undoes_a_final() {
+        use CallStatus::*;
+        let state = run(&[(NoAnswer, 2, 30)]).1;
+        let (change, _) = plan_status(&state, &event(Ringing, 5), at(10));
+        assert_eq!(change.status, None);
+        assert_eq!(change.start_time, Some(at(10)));
+    }
+
+    #[test]
+    fn transferred_stays_transferred() {
+        let state = CallState { call_id: Some(1), transferred: true, ..Default::default() };
+        let (change, _) = plan_status(&state, &event(CallStatus::Completed, 4), at(20));
+        assert_eq!(change.status, Some("transferred"));
+        assert_eq!(change.duration.as_deref(), Some("2:05"));
+    }
+
+    #[test]
+    fn durations_are_minutes_and_seconds() {
+        assert_eq!(minutes_seconds(125), "2:05");
+        assert_eq!(minutes_seconds(0), "0:00");
+        assert_eq!(minutes_seconds(3600), "60:00");
+    }
+
+    #[test]
+    fn outbound_calls_take_the_number_from_to() {
+        let mut e = event(CallStatus::Ringing, 0);
+        e.direction = Some("outbound-dial".into());
+        let (change, _) = plan_status(&CallState::default(), &e, at(0));
+        assert_eq!(change.phone.as_deref(), Some("+15005550006"));
+    }
+}
