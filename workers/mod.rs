@@ -199,17 +199,12 @@ async fn process_batch(
         })
         .collect();
     // One lock order for every worker: no deadlocks between concurrent batches.
-    items.sort_by(|a, b| lock_key(a).cmp(&lock_key(b)));
+    items.sort_by_key(lock_key);
 
-    let outcomes = loop {
-        match apply_all(&ctx.pool, &items, shutdown).await {
-            Some(outcomes) => break outcomes,
-            None => {
-                // Shutting down while Postgres is away: hand the batch back untouched.
-                ch.basic_nack(last_tag, BasicNackOptions { multiple: true, requeue: true }).await?;
-                return Ok(());
-            }
-        }
+    let Some(outcomes) = apply_all(&ctx.pool, &items, shutdown).await else {
+        // Shutting down while Postgres is away: hand the batch back untouched.
+        ch.basic_nack(last_tag, BasicNackOptions { multiple: true, requeue: true }).await?;
+        return Ok(());
     };
     for (item, outcome) in items.iter().zip(&outcomes) {
         settle(ctx, family, item, outcome).await?;

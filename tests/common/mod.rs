@@ -1,0 +1,253 @@
+//! The test harness: each test starts the real service (ingress and workers)
+//! on port 0 against its own fresh database and its own RabbitMQ names, so
+//! tests run in parallel against the real Postgres and RabbitMQ.
+//!
+//! `TEST_DATABASE_URL` (an admin URL that may create databases) and `AMQP_URL`
+//! override the local defaults.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use micro8gents::app::{self, Role, Running};
+use micro8gents::bus::Topology;
+use micro8gents::config::{Config, DEFAULT_AMQP_URL};
+use micro8gents::store;
+use micro8gents::verify::twilio::{Algorithm, compute_signature};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+
+pub const PUBLIC_BASE_URL: &str = "https://hooks.example.com";
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into())
+}
+
+fn database_url(admin: &str, name: &str) -> String {
+    let mut url = url::Url::parse(admin).expect("admin url");
+    url.set_path(name);
+    url.to_string()
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub pool: PgPool,
+    pub cfg: Config,
+    pub http: reqwest::Client,
+    db_name: String,
+    running: Option<Running>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Starts the service with the test defaults, changed by `tweak`.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let db_name = format!("m8_test_{id}");
+        let admin = admin_url();
+        let mut conn = PgConnection::connect(&admin).await.expect("admin connection to Postgres");
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut conn).await.unwrap();
+        conn.close().await.ok();
+
+        let mut vars: HashMap<String, String> = [
+            ("DATABASE_URL", database_url(&admin, &db_name)),
+            ("AMQP_URL", amqp_url()),
+            ("AMQP_PREFIX", format!("test.{}", &id[..12])),
+            ("LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("PUBLIC_BASE_URL", PUBLIC_BASE_URL.into()),
+            ("RETRY_DELAYS", "100ms,200ms".into()),
+            ("BATCH_WAIT", "2ms".into()),
+            ("SHUTDOWN_GRACE", "5s".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        tweak(&mut vars);
+        let cfg = Config::from_vars(&vars).expect("test config");
+        store::migrate(&cfg).await.expect("migrations");
+        let pool = PgPool::connect(cfg.database_url.expose()).await.unwrap();
+        let running = app::start(cfg.clone(), Role::Run).await.expect("service starts");
+        let base = format!("http://{}", running.addr.expect("ingress address"));
+        TestApp { base, pool, cfg, http: reqwest::Client::new(), db_name, running: Some(running) }
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.cfg.amqp_prefix, &self.cfg.retry_delays)
+    }
+
+    /// Inserts a user and their business; returns the business id.
+    pub async fn business(&self) -> i32 {
+        let n = uuid::Uuid::new_v4().simple().to_string();
+        let (user,): (i32,) = sqlx::query_as(
+            "INSERT INTO users (username, email, password) VALUES ($1, $1 || '@example.com', 'x') RETURNING id",
+        )
+        .bind(&n[..20])
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        let (business,): (i32,) = sqlx::query_as(
+            "INSERT INTO businesses (user_id, business_name, email) VALUES ($1, 'Acme Dental', 'desk@example.com') RETURNING id",
+        )
+        .bind(user)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        business
+    }
+
+    pub async fn integration(&self, business: i32, kind: &str, config: serde_json::Value, status: &str) -> i32 {
+        let (id,): (i32,) = sqlx::query_as(
+            "INSERT INTO integrations (business_id, type, config, status) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(business)
+        .bind(kind)
+        .bind(config)
+        .bind(status)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        id
+    }
+
+    /// A business with an active Twilio integration holding `token`.
+    pub async fn twilio_business(&self, token: &str) -> i32 {
+        let b = self.business().await;
+        self.integration(b, "twilio", serde_json::json!({"auth_token": token, "account_sid": "AC00"}), "active").await;
+        b
+    }
+
+    /// Posts a form callback signed as Twilio signs it.
+    pub async fn post_twilio(
+        &self,
+        business: i32,
+        endpoint: &str,
+        token: &str,
+        params: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let path = format!("/webhooks/twilio/{business}/{endpoint}");
+        let owned: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let signature = compute_signature(token, &format!("{PUBLIC_BASE_URL}{path}"), &owned, Algorithm::HmacSha1);
+        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish();
+        self.post_raw(
+            &path,
+            body,
+            &[("x-twilio-signature", &signature), ("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut req = self.http.post(format!("{}{path}", self.base)).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("request reaches the ingress")
+    }
+
+    /// Polls until `probe` yields a value, or fails the test after 15 s.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, mut probe: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(v) = probe().await {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the worker has settled `n` events (applied, ignored or duplicate-free keys).
+    pub async fn settled(&self, n: i64) {
+        self.eventually(&format!("{n} events in the inbox"), || async {
+            let (count,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox").fetch_one(&self.pool).await.ok()?;
+            (count >= n).then_some(())
+        })
+        .await
+    }
+
+    /// Stops the service and removes its database and broker objects.
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        self.pool.close().await;
+        cleanup(&self.db_name, &self.topology()).await;
+    }
+}
+
+impl Drop for TestApp {
+    /// A failed test still cleans up after itself.
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown.cancel();
+            let (db, topo) = (self.db_name.clone(), self.topology());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(cleanup(&db, &topo));
+            })
+            .join()
+            .ok();
+        }
+    }
+}
+
+async fn cleanup(db_name: &str, topo: &Topology) {
+    if let Ok(conn) = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await {
+        if let Ok(ch) = conn.create_channel().await {
+            for q in topo.all_queues() {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for x in topo.all_exchanges() {
+                let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
+        let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
+            .execute(&mut conn)
+            .await;
+    }
+}
+
+/// The `calls` row of a business, if there is exactly one.
+#[derive(Debug, sqlx::FromRow)]
+pub struct CallRow {
+    pub id: i32,
+    pub status: String,
+    pub phone: Option<String>,
+    pub caller: Option<String>,
+    pub start_time: chrono::NaiveDateTime,
+    pub end_time: Option<chrono::NaiveDateTime>,
+    pub duration: Option<String>,
+    pub recording: Option<String>,
+    pub transcript: Option<String>,
+}
+
+pub async fn calls_of(pool: &PgPool, business: i32) -> Vec<CallRow> {
+    sqlx::query_as(
+        "SELECT id, status::text AS status, phone, caller, start_time, end_time, duration, recording, transcript
+           FROM calls WHERE business_id = $1 ORDER BY id",
+    )
+    .bind(business)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}

@@ -1,0 +1,391 @@
+//! Twilio callbacks through the real stack: HTTP ingress, RabbitMQ, worker, Postgres.
+
+mod common;
+
+use chrono::NaiveDateTime;
+use common::{PUBLIC_BASE_URL, TestApp, calls_of};
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use micro8gents::bus::{ERROR_HEADER, header_str};
+use micro8gents::verify::twilio::{Algorithm, compute_signature};
+use sha2::Digest;
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+const CALL: &str = "CA11111111111111111111111111111111";
+
+fn status(call: &str, status: &str, seq: &str, second: u32) -> Vec<(String, String)> {
+    let mut p = vec![
+        ("AccountSid", "AC00000000000000000000000000000001".to_string()),
+        ("CallSid", call.to_string()),
+        ("CallStatus", status.to_string()),
+        ("Direction", "inbound".to_string()),
+        ("From", "+14155552671".to_string()),
+        ("To", "+15005550006".to_string()),
+        ("CallerName", "Jane Doe".to_string()),
+        ("SequenceNumber", seq.to_string()),
+        ("Timestamp", format!("Tue, 25 Nov 2025 12:00:{second:02} +0000")),
+        ("CallbackSource", "call-progress-events".to_string()),
+    ];
+    if status == "completed" {
+        p.push(("CallDuration", "125".to_string()));
+    }
+    p.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+fn recording(call: &str) -> Vec<(String, String)> {
+    [
+        ("CallSid", call),
+        ("RecordingSid", "RE22222222222222222222222222222222"),
+        (
+            "RecordingUrl",
+            "https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/RE22222222222222222222222222222222",
+        ),
+        ("RecordingStatus", "completed"),
+        ("RecordingStartTime", "Tue, 25 Nov 2025 12:00:08 +0000"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn transcription(call: &str) -> Vec<(String, String)> {
+    [
+        ("CallSid", call),
+        ("TranscriptionSid", "TR33333333333333333333333333333333"),
+        ("TranscriptionText", "Hello, I would like to book a cleaning."),
+        ("TranscriptionStatus", "completed"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn at(second: u32) -> NaiveDateTime {
+    chrono::NaiveDate::from_ymd_opt(2025, 11, 25).unwrap().and_hms_opt(12, 0, second).unwrap()
+}
+
+async fn post(app: &TestApp, business: i32, endpoint: &str, token: &str, params: &[(String, String)]) -> u16 {
+    let borrowed: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    app.post_twilio(business, endpoint, token, &borrowed).await.status().as_u16()
+}
+
+/// The three status callbacks and the recording and transcription of one call.
+fn whole_call() -> Vec<(&'static str, Vec<(String, String)>)> {
+    vec![
+        ("call-status", status(CALL, "ringing", "0", 1)),
+        ("call-status", status(CALL, "in-progress", "1", 3)),
+        ("call-status", status(CALL, "completed", "2", 9)),
+        ("recording", recording(CALL)),
+        ("transcription", transcription(CALL)),
+    ]
+}
+
+async fn assert_whole_call(app: &TestApp, business: i32) {
+    app.settled(5).await;
+    let rows = calls_of(&app.pool, business).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let c = &rows[0];
+    assert_eq!(c.status, "completed");
+    assert_eq!(c.phone.as_deref(), Some("+14155552671"));
+    assert_eq!(c.caller.as_deref(), Some("Jane Doe"));
+    assert_eq!(c.start_time, at(1));
+    assert_eq!(c.end_time, Some(at(9)));
+    assert_eq!(c.duration.as_deref(), Some("2:05"));
+    assert!(c.recording.as_deref().unwrap().ends_with("/RE22222222222222222222222222222222"));
+    assert_eq!(c.transcript.as_deref(), Some("Hello, I would like to book a cleaning."));
+}
+
+#[tokio::test]
+async fn a_whole_call_in_order_lands_in_calls() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    for (endpoint, params) in whole_call() {
+        assert_eq!(post(&app, b, endpoint, TOKEN, &params).await, 204);
+    }
+    assert_whole_call(&app, b).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_call_in_reverse_order_ends_the_same() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    for (endpoint, params) in whole_call().into_iter().rev() {
+        assert_eq!(post(&app, b, endpoint, TOKEN, &params).await, 204);
+        // Let each one be applied before the next, so the order really is reversed.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_whole_call(&app, b).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn duplicated_callbacks_apply_once() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    for _ in 0..3 {
+        for (endpoint, params) in whole_call() {
+            assert_eq!(post(&app, b, endpoint, TOKEN, &params).await, 204);
+        }
+    }
+    assert_whole_call(&app, b).await;
+    // Wait for the redeliveries to be settled too, then check nothing doubled.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (inbox,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(inbox, 5);
+    assert_eq!(calls_of(&app.pool, b).await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_recording_before_any_status_creates_the_call_once() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    assert_eq!(post(&app, b, "recording", TOKEN, &recording(CALL)).await, 204);
+    app.settled(1).await;
+    let rows = calls_of(&app.pool, b).await;
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].recording.is_some());
+    for (endpoint, params) in whole_call().into_iter().filter(|(e, _)| *e != "recording") {
+        assert_eq!(post(&app, b, endpoint, TOKEN, &params).await, 204);
+    }
+    assert_whole_call(&app, b).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_leg_with_a_parent_marks_the_parent_transferred_for_good() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    let leg = "CA99999999999999999999999999999999";
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "in-progress", "1", 2)).await, 204);
+    app.settled(1).await;
+    let mut leg_ringing = status(leg, "ringing", "0", 5);
+    leg_ringing.push(("ParentCallSid".into(), CALL.into()));
+    assert_eq!(post(&app, b, "call-status", TOKEN, &leg_ringing).await, 204);
+    app.settled(2).await;
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "completed", "4", 30)).await, 204);
+    app.settled(3).await;
+    let rows = calls_of(&app.pool, b).await;
+    assert_eq!(rows.len(), 1, "the leg has no row of its own: {rows:?}");
+    assert_eq!(rows[0].status, "transferred");
+    assert_eq!(rows[0].end_time, Some(at(30)));
+    assert_eq!(rows[0].duration.as_deref(), Some("2:05"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_non_final_status_never_moves_a_call_back() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "no-answer", "2", 20)).await, 204);
+    app.settled(1).await;
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "ringing", "1", 3)).await, 204);
+    app.settled(2).await;
+    let rows = calls_of(&app.pool, b).await;
+    assert_eq!(rows[0].status, "missed");
+    assert_eq!(rows[0].start_time, at(3));
+    assert_eq!(rows[0].end_time, Some(at(20)));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_get_the_contract_answer_and_change_nothing() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("BODY_LIMIT_BYTES".into(), "2048".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    let other = app.twilio_business("ffffffffffffffffffffffffffffffff").await;
+    let inactive = app.business().await;
+    app.integration(inactive, "twilio", serde_json::json!({"auth_token": TOKEN}), "inactive").await;
+    let params = status(CALL, "ringing", "0", 1);
+
+    // Wrong token, another business's token.
+    let r = post(&app, b, "call-status", "wrong-token", &params).await;
+    assert_eq!(r, 401);
+    assert_eq!(post(&app, b, "call-status", "ffffffffffffffffffffffffffffffff", &params).await, 401);
+    // No signature at all.
+    let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(&params).finish();
+    let r = app.post_raw(&format!("/webhooks/twilio/{b}/call-status"), body.clone(), &[]).await;
+    assert_eq!(r.status(), 401);
+    let json: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(json["error"], "missing_signature");
+    // Unknown business, a non-numeric one, and an inactive integration.
+    let r = app.post_twilio(987654, "call-status", TOKEN, &[("CallSid", CALL)]).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "unknown_business");
+    assert_eq!(app.post_raw("/webhooks/twilio/abc/call-status", body.clone(), &[]).await.status(), 404);
+    let r = post(&app, inactive, "call-status", TOKEN, &params).await;
+    assert_eq!(r, 404);
+    // A valid signature over a body missing CallSid.
+    let r = app.post_twilio(b, "call-status", TOKEN, &[("CallStatus", "ringing")]).await;
+    assert_eq!(r.status(), 422);
+    let json: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(json["error"], "invalid_field");
+    assert_eq!(json["field"], "CallSid");
+    // Too large, with and without a Content-Length.
+    let big = vec![("CallSid".to_string(), CALL.to_string()), ("Pad".to_string(), "x".repeat(4096))];
+    assert_eq!(post(&app, b, "call-status", TOKEN, &big).await, 413);
+    let chunks = futures_util::stream::iter((0..8).map(|_| Ok::<_, std::io::Error>(vec![b'a'; 512])));
+    let r = app
+        .http
+        .post(format!("{}/webhooks/twilio/{b}/call-status", app.base))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "payload_too_large");
+
+    // A good callback afterwards is the only thing that lands.
+    assert_eq!(post(&app, other, "call-status", "ffffffffffffffffffffffffffffffff", &params).await, 204);
+    app.settled(1).await;
+    assert!(calls_of(&app.pool, b).await.is_empty());
+    assert!(calls_of(&app.pool, inactive).await.is_empty());
+    assert_eq!(calls_of(&app.pool, other).await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_token_works_at_once() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("SECRET_CACHE_TTL".into(), "1h".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "ringing", "0", 1)).await, 204);
+    let new_token = "abcdefabcdefabcdefabcdefabcdefab";
+    sqlx::query(
+        "UPDATE integrations SET config = jsonb_set(config, '{auth_token}', to_jsonb($1::text)) WHERE business_id = $2",
+    )
+    .bind(new_token)
+    .bind(b)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(post(&app, b, "call-status", new_token, &status(CALL, "in-progress", "1", 2)).await, 204);
+    app.settled(2).await;
+    assert_eq!(calls_of(&app.pool, b).await[0].status, "in-progress");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn twilios_json_body_variant_is_accepted() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    let body = format!(r#"{{"CallSid":"{CALL}","CallStatus":"ringing","From":"+14155552671","SequenceNumber":"0"}}"#);
+    let hash = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+    let path = format!("/webhooks/twilio/{b}/call-status?bodySHA256={hash}");
+    let sig = compute_signature(TOKEN, &format!("{PUBLIC_BASE_URL}{path}"), &[], Algorithm::HmacSha1);
+    let r =
+        app.post_raw(&path, body.clone(), &[("x-twilio-signature", &sig), ("content-type", "application/json")]).await;
+    assert_eq!(r.status(), 204);
+    // The same signature with a changed body fails.
+    let tampered = body.replace("ringing", "completed");
+    let r = app.post_raw(&path, tampered, &[("x-twilio-signature", &sig), ("content-type", "application/json")]).await;
+    assert_eq!(r.status(), 401);
+    app.settled(1).await;
+    assert_eq!(calls_of(&app.pool, b).await[0].status, "in-progress");
+    app.stop().await;
+}
+
+/// Publishes raw bytes straight onto the calls queue, as a broken or foreign publisher would.
+async fn publish_raw(app: &TestApp, body: &[u8]) {
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let topo = app.topology();
+    ch.basic_publish(
+        topo.events_exchange().as_str().into(),
+        "calls".into(),
+        BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    conn.close(200, "bye".into()).await.ok();
+}
+
+/// Waits for the next message in the calls dead-letter queue; returns its reason and body.
+async fn next_dead_letter(app: &TestApp) -> (String, Vec<u8>) {
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let queue = app.topology().dead_queue(micro8gents::events::Family::Calls);
+    let mut consumer = ch
+        .basic_consume(queue.as_str().into(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(std::time::Duration::from_secs(15), consumer.next())
+        .await
+        .expect("a dead letter arrives")
+        .unwrap()
+        .unwrap();
+    d.ack(Default::default()).await.unwrap();
+    let reason = header_str(&d.properties, ERROR_HEADER).unwrap_or_default();
+    conn.close(200, "bye".into()).await.ok();
+    (reason, d.data)
+}
+
+#[tokio::test]
+async fn an_undecodable_message_is_dead_lettered_and_blocks_nothing() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    publish_raw(&app, b"{not json").await;
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "ringing", "0", 1)).await, 204);
+    let (reason, body) = next_dead_letter(&app).await;
+    assert_eq!(body, b"{not json");
+    assert!(reason.contains("undecodable envelope"), "{reason}");
+    app.settled(1).await;
+    assert_eq!(calls_of(&app.pool, b).await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_that_cannot_be_applied_is_retried_then_parked_with_the_reason() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    // A well-formed event for a business that does not exist (deleted after acceptance):
+    // the calls row's foreign key refuses it on every try.
+    let event = micro8gents::events::twilio::parse_call_status(&micro8gents::events::twilio::Params(&status(
+        CALL, "ringing", "0", 1,
+    )))
+    .unwrap();
+    let env = micro8gents::events::Envelope::new(
+        "twilio:status:424242:test".into(),
+        Some(micro8gents::events::BusinessId(424242)),
+        "req".into(),
+        micro8gents::events::Event::TwilioCallStatus(event),
+    );
+    publish_raw(&app, &env.to_json()).await;
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "ringing", "0", 1)).await, 204);
+    let (reason, _) = next_dead_letter(&app).await;
+    assert!(reason.contains("gave up after 3 tries"), "{reason}");
+    assert!(reason.contains("calls_business_id_businesses_id_fk"), "{reason}");
+    app.settled(1).await;
+    assert_eq!(calls_of(&app.pool, b).await.len(), 1);
+    let (parked,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox WHERE event_key = 'twilio:status:424242:test'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(parked, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = TestApp::spawn().await;
+    let r = app.http.get(format!("{}/healthz", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.http.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let json: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(json, serde_json::json!({"postgres": "ok", "rabbitmq": "ok"}));
+    app.stop().await;
+}
