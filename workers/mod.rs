@@ -298,13 +298,12 @@ async fn apply_item(tx: &mut PgConnection, item: &Item) -> Result<Outcome, Apply
 }
 
 async fn apply_event(tx: &mut PgConnection, env: &Envelope) -> Result<Outcome, ApplyError> {
-    let Some(business) = env.business_id else {
-        return Ok(Outcome::Failed("a Twilio event without a business".into()));
-    };
+    let business =
+        || env.business_id.ok_or_else(|| ApplyError::Permanent(format!("{} without a business", env.event.kind())));
     match &env.event {
-        Event::TwilioCallStatus(e) => calls::apply_status(tx, business, e, env.received_at).await,
-        Event::TwilioRecording(e) => calls::apply_recording(tx, business, e, env.received_at).await,
-        Event::TwilioTranscription(e) => calls::apply_transcription(tx, business, e, env.received_at).await,
+        Event::TwilioCallStatus(e) => calls::apply_status(tx, business()?, e, env.received_at).await,
+        Event::TwilioRecording(e) => calls::apply_recording(tx, business()?, e, env.received_at).await,
+        Event::TwilioTranscription(e) => calls::apply_transcription(tx, business()?, e, env.received_at).await,
     }
 }
 
