@@ -9,6 +9,7 @@
 //! the reason, and never holds up the others. While Postgres is unreachable the
 //! batch is held and retried with a growing pause, so nothing more is consumed.
 
+pub mod bookings;
 pub mod calls;
 
 use std::sync::Arc;
@@ -30,6 +31,9 @@ use crate::events::{Envelope, Event, Family};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Applied,
+    /// Applied, and an operator must hear of it: reported once, after the commit,
+    /// so a batch that is re-run does not report it twice.
+    Flagged(bookings::OutsideHours),
     /// Its key was already in the inbox.
     Duplicate,
     /// Recorded, but it changes nothing (stale, or a kind we do not apply).
@@ -213,11 +217,13 @@ async fn process_batch(
     Ok(())
 }
 
+/// Events that lock the same worker row sort together, in arrival order (the
+/// sort is stable); every worker sorts alike, so their locks never cross.
 fn lock_key(item: &Item) -> (i32, String) {
     match &item.envelope {
         Ok(env) => (
             env.business_id.map_or(0, |b| b.0),
-            env.event.call_sid().map(str::to_string).unwrap_or_else(|| env.key.clone()),
+            env.event.ordering_key().map(str::to_string).unwrap_or_else(|| env.key.clone()),
         ),
         Err(_) => (i32::MIN, String::new()),
     }
@@ -292,7 +298,7 @@ async fn apply_item(tx: &mut PgConnection, item: &Item) -> Result<Outcome, Apply
     match &outcome {
         Outcome::Retry(_) | Outcome::Failed(_) => release(tx, &env.key).await?,
         Outcome::Ignored(why) => note_outcome(tx, &env.key, why).await?,
-        Outcome::Applied | Outcome::Duplicate => {}
+        Outcome::Applied | Outcome::Flagged(_) | Outcome::Duplicate => {}
     }
     Ok(outcome)
 }
@@ -304,6 +310,7 @@ async fn apply_event(tx: &mut PgConnection, env: &Envelope) -> Result<Outcome, A
         Event::TwilioCallStatus(e) => calls::apply_status(tx, business()?, e, env.received_at).await,
         Event::TwilioRecording(e) => calls::apply_recording(tx, business()?, e, env.received_at).await,
         Event::TwilioTranscription(e) => calls::apply_transcription(tx, business()?, e, env.received_at).await,
+        Event::N8nBooking(e) => bookings::apply_booking(tx, business()?, e).await,
     }
 }
 
@@ -350,6 +357,10 @@ async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &Outc
     async {
         match outcome {
             Outcome::Applied => info!(attempt = item.attempt, "applied"),
+            Outcome::Flagged(flag) => {
+                info!(attempt = item.attempt, "applied");
+                flag.report();
+            }
             Outcome::Duplicate => info!("duplicate; already applied"),
             Outcome::Ignored(why) => info!(reason = why, "recorded; changes nothing"),
             Outcome::Retry(reason) => retry_or_park(ctx, family, item, reason).await?,

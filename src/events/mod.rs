@@ -4,6 +4,7 @@
 //! The wire form is JSON. `version` lets a worker refuse (dead-letter) a message
 //! written by a newer ingress instead of misreading it.
 
+pub mod n8n;
 pub mod twilio;
 
 use chrono::{DateTime, Utc};
@@ -79,18 +80,21 @@ pub enum Event {
     TwilioCallStatus(twilio::CallStatusEvent),
     TwilioRecording(twilio::RecordingEvent),
     TwilioTranscription(twilio::TranscriptionEvent),
+    N8nBooking(n8n::BookingEvent),
 }
 
 impl Event {
     pub fn provider(&self) -> Provider {
         match self {
             Event::TwilioCallStatus(_) | Event::TwilioRecording(_) | Event::TwilioTranscription(_) => Provider::Twilio,
+            Event::N8nBooking(_) => Provider::N8n,
         }
     }
 
     pub fn family(&self) -> Family {
         match self {
             Event::TwilioCallStatus(_) | Event::TwilioRecording(_) | Event::TwilioTranscription(_) => Family::Calls,
+            Event::N8nBooking(_) => Family::Bookings,
         }
     }
 
@@ -99,6 +103,7 @@ impl Event {
             Event::TwilioCallStatus(_) => "twilio_call_status",
             Event::TwilioRecording(_) => "twilio_recording",
             Event::TwilioTranscription(_) => "twilio_transcription",
+            Event::N8nBooking(_) => "n8n_booking",
         }
     }
 
@@ -108,6 +113,20 @@ impl Event {
             Event::TwilioCallStatus(e) => Some(&e.call_sid),
             Event::TwilioRecording(e) => Some(&e.call_sid),
             Event::TwilioTranscription(e) => Some(&e.call_sid),
+            Event::N8nBooking(_) => None,
+        }
+    }
+
+    /// The thing whose worker-side row the event locks, within its business:
+    /// events of one subject are applied in one order by every worker, and the
+    /// batch is sorted by it so that concurrent batches take their locks in the
+    /// same order. `None` when the event locks no shared row.
+    pub fn ordering_key(&self) -> Option<&str> {
+        match self {
+            Event::TwilioCallStatus(e) => Some(e.parent_call_sid.as_deref().unwrap_or(&e.call_sid)),
+            Event::TwilioRecording(e) => Some(&e.call_sid),
+            Event::TwilioTranscription(e) => Some(&e.call_sid),
+            Event::N8nBooking(e) => e.external_id.as_deref(),
         }
     }
 }

@@ -10,9 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
+use tracing::warn;
 
 use crate::config::Secret;
 use crate::events::BusinessId;
+use crate::verify::standard_webhooks;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IntegrationKind {
@@ -30,6 +32,15 @@ impl IntegrationKind {
         }
     }
 
+    /// Whether a stored secret has this kind's form. A Twilio auth token is
+    /// opaque; an n8n secret must be a Standard Webhooks `whsec_` secret.
+    fn check_secret(self, secret: &str) -> Result<(), String> {
+        match self {
+            IntegrationKind::Twilio => Ok(()),
+            IntegrationKind::N8n => standard_webhooks::Secret::parse(secret).map(|_| ()).map_err(|e| e.to_string()),
+        }
+    }
+
     fn config_field(self) -> &'static str {
         match self {
             IntegrationKind::Twilio => "auth_token",
@@ -42,7 +53,8 @@ impl IntegrationKind {
 #[derive(Debug, Clone)]
 pub enum Lookup {
     UnknownBusiness,
-    /// The business exists but has no active integration of that kind holding a secret.
+    /// The business exists but has no active integration of that kind holding a
+    /// usable secret (one that does not parse is logged and left out).
     NoActiveIntegration,
     /// Every active integration's secret (usually one; two during a hand-over).
     Secrets(Arc<[Secret]>),
@@ -76,8 +88,8 @@ impl SecretStore {
     }
 
     async fn read(&self, business: BusinessId, kind: IntegrationKind) -> Result<Lookup, sqlx::Error> {
-        let rows: Vec<(Option<String>,)> = sqlx::query_as(
-            "SELECT i.config ->> $3
+        let rows: Vec<(Option<i32>, Option<String>)> = sqlx::query_as(
+            "SELECT i.id, i.config ->> $3
                FROM public.businesses b
                LEFT JOIN public.integrations i
                  ON i.business_id = b.id AND i.type = $2 AND i.status = 'active'
@@ -92,8 +104,26 @@ impl SecretStore {
         if rows.is_empty() {
             return Ok(Lookup::UnknownBusiness);
         }
-        let secrets: Vec<Secret> =
-            rows.into_iter().filter_map(|(s,)| s).filter(|s| !s.is_empty()).map(Secret::new).collect();
+        let secrets: Vec<Secret> = rows
+            .into_iter()
+            .filter_map(|(integration, s)| Some((integration?, s?)))
+            .filter(|(_, s)| !s.is_empty())
+            .filter(|(integration, s)| match kind.check_secret(s) {
+                Ok(()) => true,
+                Err(problem) => {
+                    // An operator's mistake: said once per read (not per request), never with the secret.
+                    warn!(
+                        business = business.0,
+                        integration,
+                        kind = kind.as_str(),
+                        problem,
+                        "ignoring an active integration whose secret cannot be used"
+                    );
+                    false
+                }
+            })
+            .map(|(_, s)| Secret::new(s))
+            .collect();
         if secrets.is_empty() {
             return Ok(Lookup::NoActiveIntegration);
         }
