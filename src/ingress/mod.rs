@@ -2,6 +2,7 @@
 //! under the size limit, find the secret, verify, parse, publish, answer.
 
 pub mod error;
+pub mod stripe;
 pub mod twilio;
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/webhooks/twilio/{business_id}/call-status", post(twilio::call_status))
         .route("/webhooks/twilio/{business_id}/recording", post(twilio::recording))
         .route("/webhooks/twilio/{business_id}/transcription", post(twilio::transcription))
+        .route("/webhooks/stripe", post(stripe::webhook))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
