@@ -181,7 +181,9 @@ pub async fn apply_checkout(tx: &mut PgConnection, e: &CheckoutSessionEvent) -> 
         "INSERT INTO webhook_worker.billing_checkouts
              (session_id, user_id, stripe_customer_id, stripe_subscription_id, event_created)
          SELECT $1, u.id, $3, $4, $5 FROM public.users u WHERE u.id = $2
-         ON CONFLICT (session_id) DO NOTHING",
+         ON CONFLICT (session_id) DO UPDATE SET
+             user_id = EXCLUDED.user_id, stripe_customer_id = EXCLUDED.stripe_customer_id,
+             stripe_subscription_id = EXCLUDED.stripe_subscription_id, event_created = EXCLUDED.event_created",
     )
     .bind(&s.id)
     .bind(claimed)
@@ -190,6 +192,7 @@ pub async fn apply_checkout(tx: &mut PgConnection, e: &CheckoutSessionEvent) -> 
     .bind(naive(e.created))
     .execute(&mut *tx)
     .await?;
+    // No row means no such user; a session seen before (Stripe may send two events for it) is rewritten.
     Ok(if recorded.rows_affected() == 1 {
         Outcome::Applied
     } else {
