@@ -9,6 +9,7 @@
 //! the reason, and never holds up the others. While Postgres is unreachable the
 //! batch is held and retried with a growing pause, so nothing more is consumed.
 
+pub mod billing;
 pub mod bookings;
 pub mod calls;
 
@@ -217,15 +218,14 @@ async fn process_batch(
     Ok(())
 }
 
-/// Events that lock the same worker row sort together, in arrival order (the
-/// sort is stable); every worker sorts alike, so their locks never cross.
-fn lock_key(item: &Item) -> (i32, String) {
+/// The batch order, which is also the order row locks are taken in (see [`Event::lock_key`]).
+fn lock_key(item: &Item) -> (i32, String, u8, i64) {
     match &item.envelope {
-        Ok(env) => (
-            env.business_id.map_or(0, |b| b.0),
-            env.event.ordering_key().map(str::to_string).unwrap_or_else(|| env.key.clone()),
-        ),
-        Err(_) => (i32::MIN, String::new()),
+        Ok(env) => {
+            let (entity, rank, at) = env.event.lock_key();
+            (env.business_id.map_or(0, |b| b.0), entity.unwrap_or(&env.key).to_string(), rank, at)
+        }
+        Err(_) => (i32::MIN, String::new(), 0, 0),
     }
 }
 
@@ -311,6 +311,10 @@ async fn apply_event(tx: &mut PgConnection, env: &Envelope) -> Result<Outcome, A
         Event::TwilioRecording(e) => calls::apply_recording(tx, business()?, e, env.received_at).await,
         Event::TwilioTranscription(e) => calls::apply_transcription(tx, business()?, e, env.received_at).await,
         Event::N8nBooking(e) => bookings::apply_booking(tx, business()?, e).await,
+        Event::StripeSubscription(e) => billing::apply_subscription(tx, e).await,
+        Event::StripeCheckoutSession(e) => billing::apply_checkout(tx, e).await,
+        Event::StripeInvoice(e) => billing::apply_invoice(tx, e).await,
+        Event::StripeOther(_) => Ok(Outcome::Ignored("event type not applied")),
     }
 }
 

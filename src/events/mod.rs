@@ -5,6 +5,7 @@
 //! written by a newer ingress instead of misreading it.
 
 pub mod n8n;
+pub mod stripe;
 pub mod twilio;
 
 use chrono::{DateTime, Utc};
@@ -81,6 +82,22 @@ pub enum Event {
     TwilioRecording(twilio::RecordingEvent),
     TwilioTranscription(twilio::TranscriptionEvent),
     N8nBooking(n8n::BookingEvent),
+    StripeSubscription(stripe::SubscriptionEvent),
+    StripeCheckoutSession(stripe::CheckoutSessionEvent),
+    StripeInvoice(stripe::InvoiceEvent),
+    /// A Stripe event type the worker records but does not apply.
+    StripeOther(stripe::OtherEvent),
+}
+
+impl From<stripe::Parsed> for Event {
+    fn from(p: stripe::Parsed) -> Self {
+        match p {
+            stripe::Parsed::Subscription(e) => Event::StripeSubscription(e),
+            stripe::Parsed::CheckoutSession(e) => Event::StripeCheckoutSession(e),
+            stripe::Parsed::Invoice(e) => Event::StripeInvoice(e),
+            stripe::Parsed::Other(e) => Event::StripeOther(e),
+        }
+    }
 }
 
 impl Event {
@@ -88,6 +105,10 @@ impl Event {
         match self {
             Event::TwilioCallStatus(_) | Event::TwilioRecording(_) | Event::TwilioTranscription(_) => Provider::Twilio,
             Event::N8nBooking(_) => Provider::N8n,
+            Event::StripeSubscription(_)
+            | Event::StripeCheckoutSession(_)
+            | Event::StripeInvoice(_)
+            | Event::StripeOther(_) => Provider::Stripe,
         }
     }
 
@@ -95,6 +116,10 @@ impl Event {
         match self {
             Event::TwilioCallStatus(_) | Event::TwilioRecording(_) | Event::TwilioTranscription(_) => Family::Calls,
             Event::N8nBooking(_) => Family::Bookings,
+            Event::StripeSubscription(_)
+            | Event::StripeCheckoutSession(_)
+            | Event::StripeInvoice(_)
+            | Event::StripeOther(_) => Family::Billing,
         }
     }
 
@@ -104,6 +129,10 @@ impl Event {
             Event::TwilioRecording(_) => "twilio_recording",
             Event::TwilioTranscription(_) => "twilio_transcription",
             Event::N8nBooking(_) => "n8n_booking",
+            Event::StripeSubscription(_) => "stripe_subscription",
+            Event::StripeCheckoutSession(_) => "stripe_checkout_session",
+            Event::StripeInvoice(_) => "stripe_invoice",
+            Event::StripeOther(_) => "stripe_other",
         }
     }
 
@@ -113,20 +142,36 @@ impl Event {
             Event::TwilioCallStatus(e) => Some(&e.call_sid),
             Event::TwilioRecording(e) => Some(&e.call_sid),
             Event::TwilioTranscription(e) => Some(&e.call_sid),
-            Event::N8nBooking(_) => None,
+            _ => None,
         }
     }
 
-    /// The thing whose worker-side row the event locks, within its business:
-    /// events of one subject are applied in one order by every worker, and the
-    /// batch is sorted by it so that concurrent batches take their locks in the
-    /// same order. `None` when the event locks no shared row.
-    pub fn ordering_key(&self) -> Option<&str> {
+    /// Where a worker puts the event in its batch, and so the order it takes row
+    /// locks in: by the entity the event is about (a Twilio call, a Stripe
+    /// customer), then by a rank and a time within that entity. Every worker
+    /// sorts the same way, so two concurrent batches take their locks in one
+    /// order. (Billing locks the user a customer resolves to; the rare user with
+    /// two customers could still meet a deadlock, which Postgres breaks and the
+    /// worker retries with the batch.) For Stripe, a checkout session (which
+    /// only records who a customer is) comes first, then the customer's events
+    /// oldest first, so a batch that received them out of order applies them in order.
+    /// `None` when the event locks no shared row.
+    pub fn lock_key(&self) -> (Option<&str>, u8, i64) {
         match self {
-            Event::TwilioCallStatus(e) => Some(e.parent_call_sid.as_deref().unwrap_or(&e.call_sid)),
-            Event::TwilioRecording(e) => Some(&e.call_sid),
-            Event::TwilioTranscription(e) => Some(&e.call_sid),
-            Event::N8nBooking(e) => e.external_id.as_deref(),
+            // A transferred leg locks its parent's call.
+            Event::TwilioCallStatus(e) => (Some(e.parent_call_sid.as_deref().unwrap_or(&e.call_sid)), 0, 0),
+            Event::TwilioRecording(_) | Event::TwilioTranscription(_) => (self.call_sid(), 0, 0),
+            Event::N8nBooking(e) => (e.external_id.as_deref(), 0, 0),
+            Event::StripeCheckoutSession(e) => {
+                let s = &e.object;
+                (Some(s.customer.as_deref().unwrap_or(&s.id)), 0, e.created.timestamp())
+            }
+            Event::StripeSubscription(e) => (Some(&e.object.customer), 1, e.created.timestamp()),
+            Event::StripeInvoice(e) => {
+                let customer = e.object.customer.as_deref().or(e.object.subscription.as_deref());
+                (Some(customer.unwrap_or(&e.object.id)), 1, e.created.timestamp())
+            }
+            Event::StripeOther(e) => (None, 1, e.created.timestamp()),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod n8n;
+pub mod stripe;
 pub mod twilio;
 
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/webhooks/twilio/{business_id}/recording", post(twilio::recording))
         .route("/webhooks/twilio/{business_id}/transcription", post(twilio::transcription))
         .route("/webhooks/n8n/{business_id}/bookings", post(n8n::bookings))
+        .route("/webhooks/stripe", post(stripe::webhook))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
