@@ -1,5 +1,5 @@
 //! Bookings pushed by a business's n8n workflow, signed with Standard Webhooks
-//! (docs/n8n.md shows a sender).
+//! (README, "Bookings from n8n", shows a sender).
 
 use axum::Json;
 use axum::body::Body;
