@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::bus::outbox::Relay;
 use crate::bus::{Broker, Publisher, Topology};
 use crate::config::Config;
 use crate::ingress::{AppState, router};
@@ -91,8 +92,18 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
         let listener = TcpListener::bind(cfg.listen_addr).await?;
         addr = Some(listener.local_addr()?);
         info!(addr = %listener.local_addr()?, "ingress listening");
+        let publisher = Arc::new(Publisher::new(broker.clone(), cfg.publish_timeout));
+        let outbox_wake = Arc::new(tokio::sync::Notify::new());
+        let relay = Relay {
+            pool: pool.clone(),
+            publisher: publisher.clone(),
+            topology: topology.clone(),
+            wake: outbox_wake.clone(),
+        };
+        tasks.push(tokio::spawn(relay.run(shutdown.clone())));
         let state = Arc::new(AppState {
-            publisher: Publisher::new(broker.clone(), cfg.publish_timeout),
+            publisher,
+            outbox_wake,
             secrets: SecretStore::new(pool.clone(), cfg.secret_cache_ttl),
             broker: broker.clone(),
             pool: pool.clone(),

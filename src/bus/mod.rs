@@ -2,6 +2,7 @@
 //! demand, and a publisher that only reports success once the broker has
 //! confirmed the message (publisher confirms + `mandatory`).
 
+pub mod outbox;
 pub mod topology;
 
 use std::sync::Mutex as StdMutex;
@@ -146,13 +147,12 @@ impl Publisher {
         Publisher { broker, timeout, channel: Mutex::new(None) }
     }
 
-    /// Publishes an envelope to the events exchange, first attempt.
-    pub async fn publish_envelope(&self, topo: &Topology, env: &Envelope) -> Result<(), BusError> {
-        let body = env.to_json();
+    /// Publishes an envelope (already encoded as `body`) to the events exchange, first attempt.
+    pub async fn publish_envelope(&self, topo: &Topology, env: &Envelope, body: &[u8]) -> Result<(), BusError> {
         let out = Outgoing {
             exchange: &topo.events_exchange(),
             routing_key: env.event.family().as_str(),
-            body: &body,
+            body,
             message_id: &env.key,
             kind: env.event.kind(),
             attempt: 1,

@@ -20,7 +20,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use tracing::{info, warn};
 
-use crate::bus::{Broker, Publisher, Topology};
+use crate::bus::{Broker, Publisher, Topology, outbox};
 use crate::config::{Config, Secret};
 use crate::events::{BusinessId, Envelope};
 use crate::store::secrets::{IntegrationKind, Lookup, SecretStore};
@@ -31,7 +31,9 @@ pub struct AppState {
     pub cfg: Config,
     pub pool: PgPool,
     pub broker: Arc<Broker>,
-    pub publisher: Publisher,
+    pub publisher: Arc<Publisher>,
+    /// Wakes the outbox relay after a row is written.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
     pub topology: Topology,
     pub secrets: SecretStore,
 }
@@ -130,26 +132,35 @@ fn db_unavailable(e: sqlx::Error) -> ApiError {
     ApiError::Unavailable("the database is unreachable".into())
 }
 
-/// Publishes the envelope and waits for the broker's confirm: only then is a 2xx owed.
+/// Makes the event durable before a 2xx is owed: published and confirmed by
+/// RabbitMQ, or, if the broker cannot confirm it, written to the Postgres
+/// outbox for the relay. Only when neither holds it is the answer 503.
 pub async fn accept(state: &AppState, env: &Envelope) -> Result<(), ApiError> {
-    match state.publisher.publish_envelope(&state.topology, env).await {
-        Ok(()) => {
-            info!(
-                request_id = %env.request_id,
-                key = %env.key,
-                provider = env.event.provider().as_str(),
-                kind = env.event.kind(),
-                business = ?env.business_id.map(|b| b.0),
-                call_sid = ?env.event.call_sid(),
-                "accepted"
-            );
-            Ok(())
+    let body = env.to_json();
+    let published = state.publisher.publish_envelope(&state.topology, env, &body).await;
+    let route = match published {
+        Ok(()) => "broker",
+        Err(bus) => {
+            warn!(request_id = %env.request_id, key = %env.key, error = %bus, "publish failed; keeping the event in the outbox");
+            if let Err(db) = outbox::insert(&state.pool, env, &body).await {
+                warn!(request_id = %env.request_id, key = %env.key, error = %db, "outbox write failed too");
+                return Err(ApiError::Unavailable(format!("broker: {bus}; outbox: {db}")));
+            }
+            state.outbox_wake.notify_one();
+            "outbox"
         }
-        Err(e) => {
-            warn!(request_id = %env.request_id, key = %env.key, error = %e, "publish failed");
-            Err(ApiError::Unavailable(e.to_string()))
-        }
-    }
+    };
+    info!(
+        request_id = %env.request_id,
+        key = %env.key,
+        provider = env.event.provider().as_str(),
+        kind = env.event.kind(),
+        business = ?env.business_id.map(|b| b.0),
+        call_sid = ?env.event.call_sid(),
+        via = route,
+        "accepted"
+    );
+    Ok(())
 }
 
 /// Logs a refusal with its reason (never the secret or the signature) and answers it.

@@ -6,6 +6,8 @@
 //! override the local defaults.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
@@ -15,6 +17,7 @@ use micro8gents::bus::Topology;
 use micro8gents::config::{Config, DEFAULT_AMQP_URL};
 use micro8gents::store;
 use micro8gents::verify::twilio::{Algorithm, compute_signature};
+use proxy::Proxy;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
 pub const PUBLIC_BASE_URL: &str = "https://hooks.example.com";
@@ -35,11 +38,34 @@ fn database_url(admin: &str, name: &str) -> String {
 
 pub struct TestApp {
     pub base: String,
+    /// A direct connection to the test's database (never through a proxy).
     pub pool: PgPool,
     pub cfg: Config,
     pub http: reqwest::Client,
+    /// Set by `spawn_proxied`: the service reaches Postgres and RabbitMQ through these.
+    pub pg_proxy: Option<Proxy>,
+    pub amqp_proxy: Option<Proxy>,
     db_name: String,
+    direct_db_url: String,
     running: Option<Running>,
+}
+
+/// `host:port` of a URL, resolved.
+fn socket_of(url: &str) -> std::net::SocketAddr {
+    let u = url::Url::parse(url).unwrap();
+    let host = u.host_str().unwrap();
+    let port = u.port_or_known_default().unwrap_or(match u.scheme() {
+        "amqp" => 5672,
+        _ => 5432,
+    });
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).unwrap().next().unwrap()
+}
+
+fn via(url: &str, proxy: &Proxy) -> String {
+    let mut u = url::Url::parse(url).unwrap();
+    u.set_host(Some("127.0.0.1")).unwrap();
+    u.set_port(Some(proxy.addr.port())).unwrap();
+    u.to_string()
 }
 
 impl TestApp {
@@ -49,6 +75,16 @@ impl TestApp {
 
     /// Starts the service with the test defaults, changed by `tweak`.
     pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+        Self::spawn_inner(false, tweak).await
+    }
+
+    /// Like `spawn_with`, but the service reaches Postgres and RabbitMQ through
+    /// proxies the test can cut (`pg_proxy`, `amqp_proxy`).
+    pub async fn spawn_proxied(tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+        Self::spawn_inner(true, tweak).await
+    }
+
+    async fn spawn_inner(proxied: bool, tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let db_name = format!("m8_test_{id}");
         let admin = admin_url();
@@ -70,12 +106,48 @@ impl TestApp {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         tweak(&mut vars);
+        let direct_db_url = vars["DATABASE_URL"].clone();
+        store::migrate(&Config::from_vars(&vars).expect("test config")).await.expect("migrations");
+        let (mut pg_proxy, mut amqp_proxy) = (None, None);
+        if proxied {
+            let pg = Proxy::start(socket_of(&direct_db_url)).await;
+            let amqp = Proxy::start(socket_of(&vars["AMQP_URL"])).await;
+            vars.insert("DATABASE_URL".into(), via(&direct_db_url, &pg));
+            vars.insert("AMQP_URL".into(), via(&vars["AMQP_URL"], &amqp));
+            (pg_proxy, amqp_proxy) = (Some(pg), Some(amqp));
+        }
         let cfg = Config::from_vars(&vars).expect("test config");
-        store::migrate(&cfg).await.expect("migrations");
-        let pool = PgPool::connect(cfg.database_url.expose()).await.unwrap();
+        let pool = PgPool::connect(&direct_db_url).await.unwrap();
         let running = app::start(cfg.clone(), Role::Run).await.expect("service starts");
         let base = format!("http://{}", running.addr.expect("ingress address"));
-        TestApp { base, pool, cfg, http: reqwest::Client::new(), db_name, running: Some(running) }
+        TestApp {
+            base,
+            pool,
+            cfg,
+            http: reqwest::Client::new(),
+            pg_proxy,
+            amqp_proxy,
+            db_name,
+            direct_db_url,
+            running: Some(running),
+        }
+    }
+
+    /// Starts another process-like instance (e.g. a second worker) on the same
+    /// database and RabbitMQ names, reaching them directly.
+    pub async fn start_another(&self, role: Role) -> Running {
+        let mut cfg = self.cfg.clone();
+        cfg.database_url = micro8gents::config::ConnUrl::new(self.direct_db_url.clone());
+        cfg.amqp_url = micro8gents::config::ConnUrl::new(amqp_url());
+        cfg.listen_addr = "127.0.0.1:0".parse().unwrap();
+        app::start(cfg, role).await.expect("another instance starts")
+    }
+
+    /// Stops the service under test (as on SIGTERM) but keeps its database and queues.
+    pub async fn stop_service(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
     }
 
     pub fn topology(&self) -> Topology {
@@ -131,16 +203,26 @@ impl TestApp {
         token: &str,
         params: &[(&str, &str)],
     ) -> reqwest::Response {
+        self.twilio_request(business, endpoint, token, params).send().await.expect("request reaches the ingress")
+    }
+
+    /// A signed Twilio callback, ready to send (for tests that expect the send itself to fail).
+    pub fn twilio_request(
+        &self,
+        business: i32,
+        endpoint: &str,
+        token: &str,
+        params: &[(&str, &str)],
+    ) -> reqwest::RequestBuilder {
         let path = format!("/webhooks/twilio/{business}/{endpoint}");
         let owned: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let signature = compute_signature(token, &format!("{PUBLIC_BASE_URL}{path}"), &owned, Algorithm::HmacSha1);
         let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish();
-        self.post_raw(
-            &path,
-            body,
-            &[("x-twilio-signature", &signature), ("content-type", "application/x-www-form-urlencoded")],
-        )
-        .await
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("x-twilio-signature", signature)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
     }
 
     pub async fn post_raw(
@@ -184,11 +266,10 @@ impl TestApp {
 
     /// Stops the service and removes its database and broker objects.
     pub async fn stop(mut self) {
-        if let Some(running) = self.running.take() {
-            running.stop().await;
-        }
+        self.stop_service().await;
         self.pool.close().await;
         cleanup(&self.db_name, &self.topology()).await;
+        self.db_name.clear();
     }
 }
 
@@ -197,6 +278,8 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown.cancel();
+        }
+        if !self.db_name.is_empty() {
             let (db, topo) = (self.db_name.clone(), self.topology());
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -1,0 +1,227 @@
+//! The promise behind every 2xx, under the failures that happen in production.
+//! Each test puts its own TCP proxies between the service and Postgres /
+//! RabbitMQ and cuts them, so tests running beside it are not disturbed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestApp, calls_of};
+use micro8gents::app::Role;
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+fn status(call: &str, status: &str, seq: u32) -> Vec<(String, String)> {
+    let mut p = vec![
+        ("CallSid", call.to_string()),
+        ("CallStatus", status.to_string()),
+        ("Direction", "inbound".to_string()),
+        ("From", "+14155552671".to_string()),
+        ("SequenceNumber", seq.to_string()),
+        ("Timestamp", format!("Tue, 25 Nov 2025 12:00:{:02} +0000", seq * 10)),
+    ];
+    if status == "completed" {
+        p.push(("CallDuration", "125".to_string()));
+    }
+    p.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// The four status callbacks of call number `i`.
+fn call(i: usize) -> Vec<Vec<(String, String)>> {
+    let sid = format!("CA{i:032}");
+    ["initiated", "ringing", "in-progress", "completed"]
+        .iter()
+        .enumerate()
+        .map(|(seq, s)| status(&sid, s, seq as u32))
+        .collect()
+}
+
+async fn post(app: &TestApp, business: i32, params: &[(String, String)]) -> reqwest::Response {
+    let borrowed: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    app.post_twilio(business, "call-status", TOKEN, &borrowed).await
+}
+
+async fn count(app: &TestApp, sql: &'static str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&app.pool).await.unwrap();
+    n
+}
+
+/// Every call of the business is completed, once.
+async fn assert_calls_completed(app: &TestApp, business: i32, calls: usize) {
+    let rows = calls_of(&app.pool, business).await;
+    assert_eq!(rows.len(), calls, "one row per call");
+    assert!(rows.iter().all(|c| c.status == "completed" && c.duration.as_deref() == Some("2:05")), "{rows:?}");
+}
+
+#[tokio::test]
+async fn broker_down_at_the_ingress_events_wait_in_the_outbox_and_are_applied_once() {
+    let app = TestApp::spawn_proxied(|v| {
+        v.insert("PUBLISH_TIMEOUT".into(), "1s".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    let amqp = app.amqp_proxy.as_ref().unwrap();
+
+    amqp.cut();
+    for params in call(1) {
+        assert_eq!(post(&app, b, &params).await.status(), 204, "accepted while the broker is down");
+    }
+    assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.outbox").await, 4, "kept in the outbox");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(calls_of(&app.pool, b).await.is_empty(), "nothing applied while the broker is away");
+
+    amqp.restore();
+    app.settled(4).await;
+    app.eventually("an empty outbox", || async {
+        (count(&app, "SELECT count(*) FROM webhook_worker.outbox").await == 0).then_some(())
+    })
+    .await;
+    assert_calls_completed(&app, b, 1).await;
+    // More traffic after recovery goes straight through.
+    for params in call(2) {
+        assert_eq!(post(&app, b, &params).await.status(), 204);
+    }
+    app.settled(8).await;
+    assert_calls_completed(&app, b, 2).await;
+    assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.inbox").await, 8);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn broker_and_database_down_the_answer_is_503_with_retry_after() {
+    let app = TestApp::spawn_proxied(|v| {
+        v.insert("PUBLISH_TIMEOUT".into(), "1s".into());
+        // The secret stays cached, so it is the outbox write that fails, not the lookup.
+        v.insert("SECRET_CACHE_TTL".into(), "1h".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    let calls = call(1);
+    assert_eq!(post(&app, b, &calls[0]).await.status(), 204);
+    app.settled(1).await;
+
+    app.amqp_proxy.as_ref().unwrap().cut();
+    app.pg_proxy.as_ref().unwrap().cut();
+    let r = post(&app, b, &calls[1]).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable");
+    assert!(!body["message"].as_str().unwrap().contains("127.0.0.1"), "no internals in the answer: {body}");
+
+    // The sender retries once things are back; the retry lands.
+    app.amqp_proxy.as_ref().unwrap().restore();
+    app.pg_proxy.as_ref().unwrap().restore();
+    let retried = app
+        .eventually("the retry to be accepted", || async {
+            let status = post(&app, b, &calls[1]).await.status();
+            status.is_success().then_some(status)
+        })
+        .await;
+    assert_eq!(retried, 204);
+    app.settled(2).await;
+    assert_eq!(calls_of(&app.pool, b).await[0].status, "in-progress");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn database_down_at_the_worker_nothing_is_lost_nothing_spins_and_it_catches_up() {
+    let app = TestApp::spawn_proxied(|v| {
+        v.insert("SECRET_CACHE_TTL".into(), "1h".into());
+        v.insert("DATABASE_ACQUIRE_TIMEOUT".into(), "1s".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    let pg = app.pg_proxy.as_ref().unwrap();
+    let calls: Vec<_> = (0..5).map(call).collect();
+    assert_eq!(post(&app, b, &calls[0][0]).await.status(), 204);
+    app.settled(1).await;
+
+    pg.cut();
+    for params in calls.iter().flatten().skip(1) {
+        assert_eq!(post(&app, b, params).await.status(), 204, "the broker takes it while Postgres is down");
+    }
+    let before = pg.attempts();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = pg.attempts() - before;
+    assert!(tries <= 30, "the worker backs off instead of spinning: {tries} connection attempts in 3 s");
+    assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.inbox").await, 1, "nothing applied meanwhile");
+
+    pg.restore();
+    app.settled(20).await;
+    assert_calls_completed(&app, b, 5).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_loses_the_broker_mid_batch_has_its_messages_redelivered_and_applied_once() {
+    let app = TestApp::spawn_proxied(|v| {
+        v.insert("SECRET_CACHE_TTL".into(), "1h".into());
+        v.insert("DATABASE_ACQUIRE_TIMEOUT".into(), "1s".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    let (pg, amqp) = (app.pg_proxy.as_ref().unwrap(), app.amqp_proxy.as_ref().unwrap());
+    let calls: Vec<_> = (0..3).map(call).collect();
+    assert_eq!(post(&app, b, &calls[0][0]).await.status(), 204);
+    app.settled(1).await;
+
+    // The worker takes a batch it cannot commit...
+    pg.cut();
+    for params in calls.iter().flatten().skip(1) {
+        assert_eq!(post(&app, b, params).await.status(), 204);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...then loses its broker connection: the broker requeues everything unacknowledged.
+    amqp.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The held batch commits when Postgres returns, its ack fails, and the
+    // redelivered copies meet the inbox.
+    pg.restore();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    amqp.restore();
+    app.settled(12).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.inbox").await, 12);
+    assert_calls_completed(&app, b, 3).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests_and_loses_nothing_answered() {
+    let mut app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    let requests: Vec<_> = (0..50).flat_map(call).collect();
+    let sends: Vec<_> = requests
+        .iter()
+        .map(|p| {
+            let borrowed: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let request = app.twilio_request(b, "call-status", TOKEN, &borrowed);
+            tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()).ok() })
+        })
+        .collect();
+    // Stop the service while the load is in flight, as SIGTERM would.
+    app.settled(1).await;
+    let started = std::time::Instant::now();
+    app.stop_service().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "stopped within SHUTDOWN_GRACE: {took:?}");
+    let mut answered = 0;
+    for s in sends {
+        match s.await.unwrap() {
+            Some(204) => answered += 1,
+            Some(other) => panic!("an in-flight request got {other}"),
+            None => {} // refused after the stop began: the sender retries it
+        }
+    }
+    assert!(answered > 0, "some requests were answered before the stop");
+
+    // A new worker drains whatever the stopped one had not taken.
+    let worker = app.start_another(Role::Work).await;
+    app.settled(answered).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let applied = count(&app, "SELECT count(*) FROM webhook_worker.inbox").await;
+    assert_eq!(applied, answered, "every 2xx is applied, once");
+    worker.stop().await;
+    app.stop().await;
+}
