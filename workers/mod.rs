@@ -129,9 +129,14 @@ pub async fn run(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
 async fn consume_forever(ctx: Arc<WorkerContext>, family: Family, shutdown: CancellationToken) {
     let mut pause = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
+        let started = tokio::time::Instant::now();
         match consume(&ctx, family, &shutdown).await {
             Ok(()) => break,
             Err(e) => {
+                // A consumer that ran a while before failing starts its back-off afresh.
+                if started.elapsed() > Duration::from_secs(30) {
+                    pause = Duration::from_millis(200);
+                }
                 warn!(family = family.as_str(), error = %e, "consumer stopped; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
