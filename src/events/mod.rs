@@ -208,3 +208,42 @@ impl FieldError {
         FieldError { field: field.into(), rule: rule.into() }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Envelope {
+        let params: Vec<(String, String)> =
+            [("CallSid", "CA1"), ("CallStatus", "ringing"), ("SequenceNumber", "0"), ("From", "+14155552671")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let e = twilio::parse_call_status(&twilio::Params(&params)).unwrap();
+        let key = twilio::call_status_key(BusinessId(7), &e);
+        Envelope::new(key, Some(BusinessId(7)), "req-1".into(), Event::TwilioCallStatus(e))
+    }
+
+    #[test]
+    fn an_envelope_survives_the_wire() {
+        let env = sample();
+        let json = env.to_json();
+        assert_eq!(Envelope::from_json(&json).unwrap(), env);
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["version"], 1);
+        assert_eq!(v["event"]["kind"], "twilio_call_status");
+        assert_eq!(v["key"], "twilio:status:7:CA1:0:ringing");
+    }
+
+    #[test]
+    fn a_newer_or_broken_envelope_is_refused_with_the_reason() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["version"] = 2.into();
+        let err = Envelope::from_json(v.to_string().as_bytes()).unwrap_err();
+        assert!(err.contains("version 2"), "{err}");
+        assert!(Envelope::from_json(b"{not json").unwrap_err().starts_with("undecodable envelope"));
+        v["version"] = 1.into();
+        v["event"]["kind"] = "fax_received".into();
+        assert!(Envelope::from_json(v.to_string().as_bytes()).is_err());
+    }
+}
