@@ -72,6 +72,7 @@ impl Running {
 }
 
 pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
+    crate::telemetry::install();
     let pool = store::pool(&cfg, &format!("micro8gents-{}", role.name()))?;
     let topology = Topology::new(&cfg.amqp_prefix, &cfg.retry_delays);
     let conn_name = format!("micro8gents-{}-{}", role.name(), std::process::id());

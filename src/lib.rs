@@ -14,6 +14,7 @@ pub mod config;
 pub mod events;
 pub mod ingress;
 pub mod store;
+pub mod telemetry;
 pub mod verify;
 #[path = "../workers/mod.rs"]
 pub mod workers;

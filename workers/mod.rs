@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::bus::{ATTEMPT_HEADER, Broker, BusError, Outgoing, Publisher, Topology, header_int};
 use crate::config::Config;
 use crate::events::{Envelope, Event, Family};
+use crate::telemetry;
 
 /// What applying one event came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,11 +207,16 @@ async fn process_batch(
     // One lock order for every worker: no deadlocks between concurrent batches.
     items.sort_by_key(lock_key);
 
-    let Some(outcomes) = apply_all(&ctx.pool, &items, shutdown).await else {
+    let started = std::time::Instant::now();
+    let applied = apply_all(&ctx.pool, &items, shutdown).await;
+    let Some(outcomes) = applied else {
         // Shutting down while Postgres is away: hand the batch back untouched.
         ch.basic_nack(last_tag, BasicNackOptions { multiple: true, requeue: true }).await?;
         return Ok(());
     };
+    let labels = [("family", family.as_str())];
+    metrics::histogram!(telemetry::APPLY_DURATION, &labels).record(started.elapsed().as_secs_f64());
+    metrics::counter!(telemetry::BATCHES, &labels).increment(1);
     for (item, outcome) in items.iter().zip(&outcomes) {
         settle(ctx, family, item, outcome).await?;
     }
@@ -358,6 +364,7 @@ async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &Outc
         }
         Err(_) => info_span!("event", key = ?item.delivery.properties.message_id()),
     };
+    count(item, outcome);
     async {
         match outcome {
             Outcome::Applied => info!(attempt = item.attempt, "applied"),
@@ -376,6 +383,22 @@ async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &Outc
     .await
 }
 
+/// The outcome in the metrics; retries and dead letters are counted where they are sent.
+fn count(item: &Item, outcome: &Outcome) {
+    let provider = item.envelope.as_ref().map_or("unknown", |env| env.event.provider().as_str());
+    match outcome {
+        Outcome::Applied | Outcome::Flagged(_) => {
+            let kind = item.envelope.as_ref().map_or("unknown", |env| env.event.kind());
+            metrics::counter!(telemetry::EVENTS_APPLIED, "provider" => provider, "kind" => kind).increment(1);
+        }
+        Outcome::Duplicate => metrics::counter!(telemetry::EVENTS_DUPLICATE, "provider" => provider).increment(1),
+        Outcome::Ignored(why) => {
+            metrics::counter!(telemetry::EVENTS_IGNORED, "provider" => provider, "reason" => *why).increment(1)
+        }
+        Outcome::Retry(_) | Outcome::Failed(_) => {}
+    }
+}
+
 async fn retry_or_park(ctx: &WorkerContext, family: Family, item: &Item, reason: &str) -> Result<(), BusError> {
     let delays = &ctx.topology.retry_delays;
     let Some(delay) = usize::try_from(item.attempt - 1).ok().and_then(|i| delays.get(i)) else {
@@ -383,12 +406,14 @@ async fn retry_or_park(ctx: &WorkerContext, family: Family, item: &Item, reason:
         return park(ctx, family, item, &reason).await;
     };
     warn!(attempt = item.attempt, delay_ms = delay.as_millis() as u64, reason, "not applied; will retry");
+    metrics::counter!(telemetry::EVENTS_RETRIED, "family" => family.as_str()).increment(1);
     let (exchange, key) = (ctx.topology.retry_exchange(), Topology::retry_routing_key(family, *delay));
     ctx.publisher.publish(&republish(item, &exchange, &key, item.attempt + 1, reason)).await
 }
 
 async fn park(ctx: &WorkerContext, family: Family, item: &Item, reason: &str) -> Result<(), BusError> {
     error!(attempt = item.attempt, reason, "dead-lettered");
+    metrics::counter!(telemetry::EVENTS_DEAD_LETTERED, "family" => family.as_str()).increment(1);
     let exchange = ctx.topology.dead_exchange();
     ctx.publisher.publish(&republish(item, &exchange, family.as_str(), item.attempt, reason)).await
 }

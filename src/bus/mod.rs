@@ -174,8 +174,11 @@ impl Publisher {
     async fn publish_on(&self, ch: &Channel, out: &Outgoing<'_>) -> Result<(), BusError> {
         let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
         let props = properties(out);
+        let started = Instant::now();
         let confirm = ch.basic_publish(out.exchange.into(), out.routing_key.into(), opts, out.body, props).await?;
-        let confirmation = match tokio::time::timeout(self.timeout, confirm).await {
+        let confirmation = tokio::time::timeout(self.timeout, confirm).await;
+        metrics::histogram!(crate::telemetry::PUBLISH_CONFIRM_DURATION).record(started.elapsed().as_secs_f64());
+        let confirmation = match confirmation {
             Ok(c) => c?,
             Err(_) => return Err(BusError::ConfirmTimeout(self.timeout)),
         };

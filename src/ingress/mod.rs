@@ -7,14 +7,15 @@ pub mod stripe;
 pub mod twilio;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 use sqlx::PgPool;
@@ -24,6 +25,7 @@ use crate::bus::{Broker, Publisher, Topology};
 use crate::config::{Config, Secret};
 use crate::events::{BusinessId, Envelope};
 use crate::store::secrets::{IntegrationKind, Lookup, SecretStore};
+use crate::telemetry;
 use crate::verify::VerifyError;
 pub use error::ApiError;
 
@@ -38,17 +40,75 @@ pub struct AppState {
 
 pub type SharedState = Arc<AppState>;
 
+/// One routed endpoint. The router is built from [`ROUTES`], and the tests check
+/// the OpenAPI document against the same list, so neither can drift.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    /// The sender, for metric labels; `None` for the operational endpoints.
+    pub provider: Option<&'static str>,
+    /// The endpoint's short name in metric labels.
+    pub endpoint: &'static str,
+}
+
+const fn webhook(path: &'static str, provider: &'static str, endpoint: &'static str) -> Route {
+    Route { method: "POST", path, provider: Some(provider), endpoint }
+}
+
+const fn operational(path: &'static str, endpoint: &'static str) -> Route {
+    Route { method: "GET", path, provider: None, endpoint }
+}
+
+pub const ROUTES: &[Route] = &[
+    webhook("/webhooks/twilio/{business_id}/call-status", "twilio", "call-status"),
+    webhook("/webhooks/twilio/{business_id}/recording", "twilio", "recording"),
+    webhook("/webhooks/twilio/{business_id}/transcription", "twilio", "transcription"),
+    webhook("/webhooks/n8n/{business_id}/bookings", "n8n", "bookings"),
+    webhook("/webhooks/stripe", "stripe", "stripe"),
+    operational("/healthz", "healthz"),
+    operational("/readyz", "readyz"),
+    operational("/metrics", "metrics"),
+];
+
+/// The handler of each entry of [`ROUTES`].
+fn handler(path: &str) -> MethodRouter<SharedState> {
+    match path {
+        "/webhooks/twilio/{business_id}/call-status" => post(twilio::call_status),
+        "/webhooks/twilio/{business_id}/recording" => post(twilio::recording),
+        "/webhooks/twilio/{business_id}/transcription" => post(twilio::transcription),
+        "/webhooks/n8n/{business_id}/bookings" => post(n8n::bookings),
+        "/webhooks/stripe" => post(stripe::webhook),
+        "/healthz" => get(healthz),
+        "/readyz" => get(readyz),
+        "/metrics" => get(metrics),
+        other => unreachable!("ROUTES names {other} but it has no handler"),
+    }
+}
+
 pub fn router(state: SharedState) -> Router {
-    Router::new()
-        .route("/webhooks/twilio/{business_id}/call-status", post(twilio::call_status))
-        .route("/webhooks/twilio/{business_id}/recording", post(twilio::recording))
-        .route("/webhooks/twilio/{business_id}/transcription", post(twilio::transcription))
-        .route("/webhooks/n8n/{business_id}/bookings", post(n8n::bookings))
-        .route("/webhooks/stripe", post(stripe::webhook))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .fallback(not_found)
-        .with_state(state)
+    telemetry::install();
+    let mut router = Router::new();
+    for route in ROUTES {
+        router = router.route(route.path, handler(route.path));
+    }
+    router.route_layer(middleware::from_fn(timed)).fallback(not_found).with_state(state)
+}
+
+/// Records how long each webhook took to answer, labelled by its route.
+async fn timed(path: MatchedPath, request: Request, next: Next) -> Response {
+    let route = ROUTES.iter().find(|r| r.path == path.as_str()).and_then(|r| Some((r.provider?, r.endpoint)));
+    let started = Instant::now();
+    let response = next.run(request).await;
+    if let Some((provider, endpoint)) = route {
+        telemetry::http_duration(provider, endpoint, started.elapsed());
+    }
+    response
+}
+
+async fn metrics(State(state): State<SharedState>) -> Response {
+    let text = telemetry::render(&state.pool, &state.broker, &state.topology).await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn not_found() -> Response {
@@ -131,9 +191,10 @@ fn db_unavailable(e: sqlx::Error) -> ApiError {
 }
 
 /// Publishes the envelope and waits for the broker's confirm: only then is a 2xx owed.
-pub async fn accept(state: &AppState, env: &Envelope) -> Result<(), ApiError> {
+pub async fn accept(state: &AppState, endpoint: &'static str, env: &Envelope) -> Result<(), ApiError> {
     match state.publisher.publish_envelope(&state.topology, env).await {
         Ok(()) => {
+            telemetry::accepted(env.event.provider().as_str(), endpoint);
             info!(
                 request_id = %env.request_id,
                 key = %env.key,
@@ -153,8 +214,15 @@ pub async fn accept(state: &AppState, env: &Envelope) -> Result<(), ApiError> {
 }
 
 /// Logs a refusal with its reason (never the secret or the signature) and answers it.
-pub fn refuse(request_id: &str, provider: &str, business: Option<BusinessId>, e: ApiError) -> Response {
-    warn!(request_id, provider, business = ?business.map(|b| b.0), reason = e.reason(), code = e.code(), "refused: {e}");
+pub fn refuse(
+    request_id: &str,
+    provider: &'static str,
+    endpoint: &'static str,
+    business: Option<BusinessId>,
+    e: ApiError,
+) -> Response {
+    telemetry::rejected(provider, endpoint, e.reason());
+    warn!(request_id, provider, endpoint, business = ?business.map(|b| b.0), reason = e.reason(), code = e.code(), "refused: {e}");
     e.into_response()
 }
 
