@@ -13,6 +13,7 @@ pub mod bus;
 pub mod config;
 pub mod events;
 pub mod ingress;
+pub mod ops;
 pub mod store;
 pub mod telemetry;
 pub mod verify;
