@@ -69,7 +69,11 @@ pub const ROUTES: &[Route] = &[
     operational("/healthz", "healthz"),
     operational("/readyz", "readyz"),
     operational("/metrics", "metrics"),
+    operational("/openapi.json", "openapi"),
 ];
+
+/// The hand-written OpenAPI 3.1 description of [`ROUTES`] (checked against it by `tests/openapi.rs`).
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// The handler of each entry of [`ROUTES`].
 fn handler(path: &str) -> MethodRouter<SharedState> {
@@ -82,6 +86,7 @@ fn handler(path: &str) -> MethodRouter<SharedState> {
         "/healthz" => get(healthz),
         "/readyz" => get(readyz),
         "/metrics" => get(metrics),
+        "/openapi.json" => get(openapi),
         other => unreachable!("ROUTES names {other} but it has no handler"),
     }
 }
@@ -104,6 +109,10 @@ async fn timed(path: MatchedPath, request: Request, next: Next) -> Response {
         telemetry::http_duration(provider, endpoint, started.elapsed());
     }
     response
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn metrics(State(state): State<SharedState>) -> Response {
