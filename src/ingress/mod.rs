@@ -216,7 +216,16 @@ pub async fn accept(state: &AppState, endpoint: &'static str, env: &Envelope) ->
             Ok(())
         }
         Err(e) => {
-            warn!(request_id = %env.request_id, key = %env.key, error = %e, "publish failed");
+            warn!(
+                request_id = %env.request_id,
+                key = %env.key,
+                provider = env.event.provider().as_str(),
+                kind = env.event.kind(),
+                business = ?env.business_id.map(|b| b.0),
+                call_sid = ?env.event.call_sid(),
+                error = %e,
+                "publish failed"
+            );
             Err(ApiError::Unavailable(e.to_string()))
         }
     }
