@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::bus::{Broker, Publisher, Topology};
 use crate::config::Config;
-use crate::ingress::{AppState, router};
+use crate::ingress::{AppState, operational_router, router};
 use crate::store::{self, secrets::SecretStore};
 use crate::workers::{self, WorkerContext};
 
@@ -44,7 +44,7 @@ impl Role {
 
 /// A started service.
 pub struct Running {
-    /// Where the ingress listens (port 0 resolved), if this role serves.
+    /// Where the ingress (or a `work` process's metrics) listens, port 0 resolved.
     pub addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -88,10 +88,16 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
         let ctx = Arc::new(WorkerContext::new(&cfg, pool.clone(), broker.clone(), topology.clone()));
         tasks.push(tokio::spawn(workers::run(ctx, shutdown.clone())));
     }
-    if role.serves() {
-        let listener = TcpListener::bind(cfg.listen_addr).await?;
+    // The ingress serves everything on LISTEN_ADDR; a `work` process serves its
+    // health and metrics on METRICS_ADDR if one is set (several may share a host).
+    let listen = match role {
+        Role::Run | Role::Serve => Some((cfg.listen_addr, "ingress listening")),
+        Role::Work => cfg.metrics_addr.map(|a| (a, "metrics listening")),
+    };
+    if let Some((at, what)) = listen {
+        let listener = TcpListener::bind(at).await?;
         addr = Some(listener.local_addr()?);
-        info!(addr = %listener.local_addr()?, "ingress listening");
+        info!(addr = %listener.local_addr()?, "{what}");
         let state = Arc::new(AppState {
             publisher: Publisher::new(broker.clone(), cfg.publish_timeout),
             secrets: SecretStore::new(pool.clone(), cfg.secret_cache_ttl),
@@ -100,11 +106,12 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
             topology,
             cfg: cfg.clone(),
         });
+        let app = if role.serves() { router(state) } else { operational_router(state) };
         let token = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let server = axum::serve(listener, router(state)).with_graceful_shutdown(token.cancelled_owned());
+            let server = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned());
             if let Err(e) = server.await {
-                warn!(error = %e, "ingress stopped");
+                warn!(error = %e, "{what} stopped");
             }
         }));
     }

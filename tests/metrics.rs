@@ -156,3 +156,25 @@ async fn the_outbox_gauges_appear_once_the_table_exists() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_work_process_serves_its_metrics_and_health_on_metrics_addr_only() {
+    let app = TestApp::spawn().await;
+    let mut cfg = app.cfg.clone();
+    cfg.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    let worker = micro8gents::app::start(cfg, micro8gents::app::Role::Work).await.unwrap();
+    let base = format!("http://{}", worker.addr.expect("a work process with METRICS_ADDR listens"));
+    let r = app.http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("micro8gents_dlq_messages"));
+    assert_eq!(app.http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    let r = app.http.post(format!("{base}/webhooks/stripe")).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 404, "a work process takes no webhooks");
+    worker.stop().await;
+
+    // Without METRICS_ADDR a work process listens nowhere (several may share a host).
+    let worker = micro8gents::app::start(app.cfg.clone(), micro8gents::app::Role::Work).await.unwrap();
+    assert!(worker.addr.is_none());
+    worker.stop().await;
+    app.stop().await;
+}

@@ -91,10 +91,20 @@ fn handler(path: &str) -> MethodRouter<SharedState> {
     }
 }
 
+/// Every route: the webhooks and the operational endpoints.
 pub fn router(state: SharedState) -> Router {
+    build(state, ROUTES.iter())
+}
+
+/// Only the operational endpoints (health, readiness, metrics), for a `work` process.
+pub fn operational_router(state: SharedState) -> Router {
+    build(state, ROUTES.iter().filter(|r| r.provider.is_none()))
+}
+
+fn build<'a>(state: SharedState, routes: impl Iterator<Item = &'a Route>) -> Router {
     telemetry::install();
     let mut router = Router::new();
-    for route in ROUTES {
+    for route in routes {
         router = router.route(route.path, handler(route.path));
     }
     router.route_layer(middleware::from_fn(timed)).fallback(not_found).with_state(state)
