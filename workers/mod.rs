@@ -360,7 +360,7 @@ async fn note_outcome(tx: &mut PgConnection, key: &str, why: &str) -> Result<(),
 async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &Outcome) -> Result<(), BusError> {
     let span = match &item.envelope {
         Ok(env) => {
-            info_span!("event", request_id = %env.request_id, key = %env.key, provider = env.event.provider().as_str(), kind = env.event.kind(), business = ?env.business_id.map(|b| b.0), call_sid = ?env.event.call_sid(), family = family.as_str())
+            info_span!("event", request_id = %env.request_id, key = %env.key, provider = env.event.provider().as_str(), kind = env.event.kind(), business = env.business_id.map(|b| b.0), call_sid = env.event.call_sid(), family = family.as_str())
         }
         Err(_) => info_span!("event", key = ?item.delivery.properties.message_id(), family = family.as_str()),
     };

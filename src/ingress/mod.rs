@@ -219,8 +219,8 @@ pub async fn accept(state: &AppState, endpoint: &'static str, env: &Envelope) ->
                 key = %env.key,
                 provider = env.event.provider().as_str(),
                 kind = env.event.kind(),
-                business = ?env.business_id.map(|b| b.0),
-                call_sid = ?env.event.call_sid(),
+                business = env.business_id.map(|b| b.0),
+                call_sid = env.event.call_sid(),
                 "accepted"
             );
             Ok(())
@@ -231,8 +231,8 @@ pub async fn accept(state: &AppState, endpoint: &'static str, env: &Envelope) ->
                 key = %env.key,
                 provider = env.event.provider().as_str(),
                 kind = env.event.kind(),
-                business = ?env.business_id.map(|b| b.0),
-                call_sid = ?env.event.call_sid(),
+                business = env.business_id.map(|b| b.0),
+                call_sid = env.event.call_sid(),
                 error = %e,
                 "publish failed"
             );
@@ -250,7 +250,15 @@ pub fn refuse(
     e: ApiError,
 ) -> Response {
     telemetry::rejected(provider, endpoint, e.reason());
-    warn!(request_id, provider, endpoint, business = ?business.map(|b| b.0), reason = e.reason(), code = e.code(), "refused: {e}");
+    warn!(
+        request_id,
+        provider,
+        endpoint,
+        business = business.map(|b| b.0),
+        reason = e.reason(),
+        code = e.code(),
+        "refused: {e}"
+    );
     e.into_response()
 }
 
