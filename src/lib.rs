@@ -16,6 +16,7 @@ pub mod ingress;
 pub mod ops;
 pub mod store;
 pub mod telemetry;
+pub mod trace;
 pub mod verify;
 #[path = "../workers/mod.rs"]
 pub mod workers;

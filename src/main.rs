@@ -10,7 +10,11 @@ use micro8gents::config::Config;
 use micro8gents::events::{BusinessId, Family, Provider};
 use micro8gents::ops::{dlq, replay};
 use micro8gents::store;
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// Micro8gents webhook worker: verifies Twilio, Stripe and n8n webhooks,
 /// carries them over RabbitMQ and applies them to Postgres.
@@ -94,15 +98,31 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cfg.log_json);
+    // Before the runtime: the OTLP exporter's HTTP client blocks on a thread of its own.
+    let tracer = match micro8gents::trace::otlp_provider() {
+        Ok(tracer) => tracer,
+        Err(e) => {
+            eprintln!("micro8gents: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_json, tracer.as_ref());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), cfg)) {
+    let code = match runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    };
+    drop(runtime);
+    // Sends the spans still batched.
+    if let Some(tracer) = tracer
+        && let Err(e) = tracer.shutdown()
+    {
+        eprintln!("micro8gents: traces not all exported: {e}");
     }
+    code
 }
 
 async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
@@ -232,12 +252,11 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
-fn init_logging(json: bool) {
+/// Logs on stderr, text or JSON; spans also go to OTLP when a tracer is given.
+fn init_logging(json: bool, tracer: Option<&SdkTracerProvider>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json { fmt.json().flatten_event(true).boxed() } else { fmt.boxed() };
+    let otlp = tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t.tracer("micro8gents")));
+    tracing_subscriber::registry().with(filter).with(fmt).with(otlp).init();
 }

@@ -21,6 +21,9 @@ const STRIPE_SECRET: &str = "whsec_str1p3sup3rs3cr3tv4lu3000000";
 const N8N_SECRET: &str = "whsec_bjhuLWxvZy10ZXN0LWtleS1ub3QtZm9yLWxvZ3MteHl6";
 const N8N_KEY_TEXT: &str = "n8n-log-test-key-not-for-logs-xyz";
 const CALL: &str = "CA5555555555555555555555555555555a";
+/// The sender's W3C trace, continued by the ingress and the worker.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// The binary, killed if the test fails before it stops it.
 struct Binary(Child);
@@ -127,6 +130,7 @@ async fn json_logs_name_the_event_and_never_a_secret() {
         let r = http
             .post(format!("{base}{path}"))
             .header("x-twilio-signature", sig)
+            .header("traceparent", TRACEPARENT)
             .header("content-type", "application/x-www-form-urlencoded")
             .body(body.clone())
             .send()
@@ -202,7 +206,12 @@ async fn json_logs_name_the_event_and_never_a_secret() {
             assert!(v[field].is_string(), "{field} missing: {v}");
         }
     }
+    // The ingress continues the sender's trace, or starts one.
+    for v in &accepted {
+        assert!(v["span"]["trace_id"].as_str().is_some_and(|t| t.len() == 32), "{v}");
+    }
     let twilio = accepted.iter().find(|v| v["provider"] == "twilio").unwrap();
+    assert_eq!(twilio["span"]["trace_id"], TRACE_ID);
     assert_eq!(twilio["call_sid"], CALL);
     assert_eq!(twilio["business"], twilio_business);
     let stripe = accepted.iter().find(|v| v["provider"] == "stripe").unwrap();
@@ -222,10 +231,15 @@ async fn json_logs_name_the_event_and_never_a_secret() {
         for field in ["request_id", "key", "provider", "kind", "family"] {
             assert!(span[field].is_string(), "{field} missing in the span: {v}");
         }
-        let same = accepted.iter().any(|a| a["request_id"] == span["request_id"] && a["key"] == span["key"]);
-        assert!(same, "the worker's line has the ingress's request id and key: {v}");
+        let same = accepted.iter().any(|a| {
+            a["request_id"] == span["request_id"]
+                && a["key"] == span["key"]
+                && a["span"]["trace_id"] == span["trace_id"]
+        });
+        assert!(same, "the worker's line has the ingress's request id, key and trace: {v}");
         if span["provider"] == "twilio" {
             assert_eq!(span["call_sid"], CALL);
+            assert_eq!(span["trace_id"], TRACE_ID);
             assert_eq!(span["business"], twilio_business);
         }
     }

@@ -22,12 +22,14 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Consumer, message::Delivery};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+use tracing::field::{Empty, display};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::bus::{ATTEMPT_HEADER, Broker, BusError, Outgoing, Publisher, Topology, header_int};
+use crate::bus::{ATTEMPT_HEADER, Broker, BusError, Outgoing, Publisher, Topology, header_int, header_str};
 use crate::config::Config;
 use crate::events::{Envelope, Event, Family};
 use crate::telemetry;
+use crate::trace::{TRACEPARENT, TraceParent};
 
 /// What applying one event came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +187,8 @@ async fn fill_batch(ctx: &WorkerContext, consumer: &mut Consumer, first: Deliver
 struct Item {
     delivery: Delivery,
     attempt: i64,
+    /// The W3C trace the message arrived in (set by the ingress).
+    traceparent: Option<String>,
     envelope: Result<Envelope, String>,
 }
 
@@ -200,6 +204,7 @@ async fn process_batch(
         .into_iter()
         .map(|d| Item {
             attempt: header_int(&d.properties, ATTEMPT_HEADER).unwrap_or(1),
+            traceparent: header_str(&d.properties, TRACEPARENT),
             envelope: Envelope::from_json(&d.data),
             delivery: d,
         })
@@ -360,10 +365,15 @@ async fn note_outcome(tx: &mut PgConnection, key: &str, why: &str) -> Result<(),
 async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &Outcome) -> Result<(), BusError> {
     let span = match &item.envelope {
         Ok(env) => {
-            info_span!("event", request_id = %env.request_id, key = %env.key, provider = env.event.provider().as_str(), kind = env.event.kind(), business = env.business_id.map(|b| b.0), call_sid = env.event.call_sid(), family = family.as_str())
+            info_span!("event", request_id = %env.request_id, key = %env.key, provider = env.event.provider().as_str(), kind = env.event.kind(), business = env.business_id.map(|b| b.0), call_sid = env.event.call_sid(), family = family.as_str(), trace_id = Empty)
         }
-        Err(_) => info_span!("event", key = ?item.delivery.properties.message_id(), family = family.as_str()),
+        Err(_) => {
+            info_span!("event", key = ?item.delivery.properties.message_id(), family = family.as_str(), trace_id = Empty)
+        }
     };
+    // The worker's span continues the ingress's trace.
+    let parent = item.traceparent.as_deref().and_then(TraceParent::parse);
+    span.record("trace_id", display(TraceParent::of_span(&span, parent).trace_id));
     count(item, outcome);
     async {
         match outcome {
@@ -435,5 +445,6 @@ fn republish<'a>(
         kind: props.kind().as_ref().map_or("unknown", |k| k.as_str()),
         attempt,
         error: Some(reason),
+        traceparent: item.traceparent.as_deref(),
     }
 }

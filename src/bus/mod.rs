@@ -139,6 +139,8 @@ pub struct Outgoing<'a> {
     pub kind: &'a str,
     pub attempt: i64,
     pub error: Option<&'a str>,
+    /// The W3C `traceparent` the message carries on to the worker.
+    pub traceparent: Option<&'a str>,
 }
 
 impl Publisher {
@@ -147,7 +149,12 @@ impl Publisher {
     }
 
     /// Publishes an envelope to the events exchange, first attempt.
-    pub async fn publish_envelope(&self, topo: &Topology, env: &Envelope) -> Result<(), BusError> {
+    pub async fn publish_envelope(
+        &self,
+        topo: &Topology,
+        env: &Envelope,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
         let body = env.to_json();
         let out = Outgoing {
             exchange: &topo.events_exchange(),
@@ -157,6 +164,7 @@ impl Publisher {
             kind: env.event.kind(),
             attempt: 1,
             error: None,
+            traceparent,
         };
         self.publish(&out).await
     }
@@ -206,6 +214,9 @@ fn properties(out: &Outgoing<'_>) -> BasicProperties {
     headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(out.attempt));
     if let Some(e) = out.error {
         headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(LongString::from(e.to_string())));
+    }
+    if let Some(t) = out.traceparent {
+        headers.insert(crate::trace::TRACEPARENT.into(), AMQPValue::LongString(LongString::from(t.to_string())));
     }
     BasicProperties::default()
         .with_delivery_mode(2)

@@ -19,13 +19,14 @@ use axum::routing::{MethodRouter, get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 use sqlx::PgPool;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::bus::{Broker, Publisher, Topology};
 use crate::config::{Config, Secret};
 use crate::events::{BusinessId, Envelope};
 use crate::store::secrets::{IntegrationKind, Lookup, SecretStore};
 use crate::telemetry;
+use crate::trace::{TRACEPARENT, TraceParent};
 use crate::verify::VerifyError;
 pub use error::ApiError;
 
@@ -110,14 +111,18 @@ fn build<'a>(state: SharedState, routes: impl Iterator<Item = &'a Route>) -> Rou
     router.route_layer(middleware::from_fn(timed)).fallback(not_found).with_state(state)
 }
 
-/// Records how long each webhook took to answer, labelled by its route.
+/// Around each webhook: its span, continuing the sender's W3C trace (or starting
+/// one), whose hop the publisher passes on; and how long the answer took.
 async fn timed(path: MatchedPath, request: Request, next: Next) -> Response {
     let route = ROUTES.iter().find(|r| r.path == path.as_str()).and_then(|r| Some((r.provider?, r.endpoint)));
+    let Some((provider, endpoint)) = route else { return next.run(request).await };
+    let incoming = request.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
+    let span = info_span!("webhook", provider, endpoint, trace_id = tracing::field::Empty);
+    let hop = TraceParent::of_span(&span, incoming);
+    span.record("trace_id", tracing::field::display(hop.trace_id));
     let started = Instant::now();
-    let response = next.run(request).await;
-    if let Some((provider, endpoint)) = route {
-        telemetry::http_duration(provider, endpoint, started.elapsed());
-    }
+    let response = crate::trace::scope(hop, next.run(request).instrument(span)).await;
+    telemetry::http_duration(provider, endpoint, started.elapsed());
     response
 }
 
@@ -211,7 +216,8 @@ fn db_unavailable(e: sqlx::Error) -> ApiError {
 
 /// Publishes the envelope and waits for the broker's confirm: only then is a 2xx owed.
 pub async fn accept(state: &AppState, endpoint: &'static str, env: &Envelope) -> Result<(), ApiError> {
-    match state.publisher.publish_envelope(&state.topology, env).await {
+    let traceparent = crate::trace::current().map(|t| t.header());
+    match state.publisher.publish_envelope(&state.topology, env, traceparent.as_deref()).await {
         Ok(()) => {
             telemetry::accepted(env.event.provider().as_str(), endpoint);
             info!(

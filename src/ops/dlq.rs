@@ -30,6 +30,8 @@ pub struct Parked {
     pub reason: String,
     /// When it was last published (epoch seconds), if known.
     pub published_at: Option<u64>,
+    /// The trace it belongs to, kept on a redrive.
+    pub traceparent: Option<String>,
     #[serde(skip)]
     pub body: Vec<u8>,
 }
@@ -46,6 +48,7 @@ impl Parked {
                 .or_else(|| header_str(p, "x-first-death-reason").map(|r| format!("broker: {r}")))
                 .unwrap_or_else(|| "no reason recorded".into()),
             published_at: *p.timestamp(),
+            traceparent: header_str(p, crate::trace::TRACEPARENT),
             body: d.data.clone(),
         }
     }
@@ -147,6 +150,7 @@ pub async fn redrive(
                 kind: &parked.kind,
                 attempt: 1,
                 error: None,
+                traceparent: parked.traceparent.as_deref(),
             };
             match publisher.publish(&out).await {
                 Ok(()) => {

@@ -61,7 +61,7 @@ pub async fn replay(
                     continue;
                 }
             };
-            publisher.publish_envelope(topo, &env).await.map_err(|error| ReplayError::Publish { key, error })?;
+            publisher.publish_envelope(topo, &env, None).await.map_err(|error| ReplayError::Publish { key, error })?;
             done.published += 1;
             progress.update(done.published);
         }
