@@ -109,7 +109,12 @@ pub fn otlp_provider() -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvi
         .with_http()
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
         .build()
-        .map_err(|e| format!("invalid setting OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))?;
+        // The SDK's message may quote the values, and OTEL_EXPORTER_OTLP_HEADERS often holds an API key.
+        .map_err(|_| {
+            "invalid setting OTEL_EXPORTER_OTLP_ENDPOINT: not a usable OTLP/HTTP endpoint, or another \
+             OTEL_EXPORTER_OTLP_* setting is malformed (values not shown)"
+                .to_string()
+        })?;
     let resource = opentelemetry_sdk::Resource::builder().with_service_name("micro8gents").build();
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_batch_exporter(exporter)

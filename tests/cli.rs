@@ -50,6 +50,16 @@ fn a_bad_url_is_named_without_echoing_its_password() {
 }
 
 #[test]
+fn a_bad_otlp_endpoint_is_named_without_its_value() {
+    let out = run(&["run"], &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://key-s3cret@[not a url")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("micro8gents: invalid setting OTEL_EXPORTER_OTLP_ENDPOINT:"), "{lines:?}");
+    assert!(!lines[0].contains("s3cret"), "{lines:?}");
+}
+
+#[test]
 fn config_prints_every_setting_with_secrets_redacted() {
     let vars = [
         ("DATABASE_URL", "postgres://app:pg-s3cret-pass@db.internal:5432/m8"),
