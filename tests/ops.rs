@@ -184,6 +184,40 @@ async fn a_redriven_message_that_is_still_bad_is_parked_again_with_its_reason() 
 }
 
 #[tokio::test]
+async fn a_message_the_broker_parked_says_so() {
+    use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+    let app = TestApp::spawn().await;
+    let broker = broker(&app);
+    // As the broker dead-letters a message past x-delivery-limit: an x-death entry,
+    // and the x-last-error of an earlier retry still on it.
+    let mut death = FieldTable::default();
+    death.insert("reason".into(), AMQPValue::LongString(LongString::from("delivery_limit")));
+    death.insert("queue".into(), AMQPValue::LongString(LongString::from(app.topology().work_queue(Family::Calls))));
+    let mut headers = FieldTable::default();
+    headers.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])));
+    headers.insert("x-last-error".into(), AMQPValue::LongString(LongString::from("no call yet")));
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let props = lapin::BasicProperties::default().with_message_id("crashy".into()).with_headers(headers);
+    ch.basic_publish(app.topology().dead_exchange().as_str().into(), "calls".into(), Default::default(), b"{}", props)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    conn.close(200, "bye".into()).await.ok();
+
+    let list = parked(&app, &broker, 1).await;
+    let expected = format!(
+        "parked by the broker: delivery_limit in {} (an earlier try: no call yet)",
+        app.topology().work_queue(Family::Calls)
+    );
+    assert_eq!(list[0].reason, expected);
+    broker.close().await;
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_replay_of_applied_events_changes_nothing() {
     let app = TestApp::spawn().await;
     let b = app.twilio_business(TOKEN).await;

@@ -7,6 +7,7 @@
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 use serde::Serialize;
 
 use crate::bus::{
@@ -44,9 +45,7 @@ impl Parked {
             id: p.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
             kind: p.kind().as_ref().map_or_else(|| "unknown".into(), |k| k.to_string()),
             attempt: header_int(p, ATTEMPT_HEADER).unwrap_or(1),
-            reason: header_str(p, ERROR_HEADER)
-                .or_else(|| header_str(p, "x-first-death-reason").map(|r| format!("broker: {r}")))
-                .unwrap_or_else(|| "no reason recorded".into()),
+            reason: reason(p),
             published_at: *p.timestamp(),
             traceparent: header_str(p, crate::trace::TRACEPARENT),
             body: d.data.clone(),
@@ -60,6 +59,36 @@ impl Parked {
             Err(_) => String::from_utf8_lossy(&self.body).into_owned(),
         }
     }
+}
+
+/// Why a message is parked. The worker parks with fresh headers (`x-last-error`);
+/// a message that carries `x-death` was parked by the broker itself, e.g. after
+/// `x-delivery-limit` deliveries that no worker finished, and any `x-last-error`
+/// it has is from an earlier try.
+fn reason(p: &lapin::BasicProperties) -> String {
+    let last_error = header_str(p, ERROR_HEADER);
+    match (broker_death(p), last_error) {
+        (Some(death), Some(earlier)) => format!("parked by the broker: {death} (an earlier try: {earlier})"),
+        (Some(death), None) => format!("parked by the broker: {death}"),
+        (None, Some(e)) => e,
+        (None, None) => "no reason recorded".into(),
+    }
+}
+
+/// The reason and queue of the latest `x-death` entry (the broker puts the latest first).
+fn broker_death(p: &lapin::BasicProperties) -> Option<String> {
+    let AMQPValue::FieldArray(deaths) = p.headers().as_ref()?.inner().get("x-death")? else { return None };
+    let AMQPValue::FieldTable(latest) = deaths.as_slice().first()? else { return None };
+    let text = |k: &str| match latest.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+        _ => None,
+    };
+    let reason = text("reason")?;
+    Some(match text("queue") {
+        Some(q) => format!("{reason} in {q}"),
+        None => reason,
+    })
 }
 
 /// Which messages a redrive takes.
@@ -131,6 +160,7 @@ pub async fn redrive(
     limit: usize,
 ) -> Result<Redriven, BusError> {
     let mut done = Redriven::default();
+    let progress = super::Progress::new("redriven");
     for family in families(only) {
         let ch = broker.channel().await?;
         let held = hold(&ch, &topo.dead_queue(family), limit).await;
@@ -156,6 +186,7 @@ pub async fn redrive(
                 Ok(()) => {
                     ch.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
                     done.redriven.push(parked);
+                    progress.update(done.redriven.len() as u64);
                 }
                 Err(e) => {
                     done.failed.push((parked.id.clone(), e.to_string()));
@@ -166,6 +197,7 @@ pub async fn redrive(
         give_back(&ch, &keep).await?;
         let _ = ch.close(200, "redriven".into()).await;
     }
+    progress.finish(done.redriven.len() as u64);
     Ok(done)
 }
 

@@ -66,7 +66,7 @@ pub async fn replay(
             progress.update(done.published);
         }
     }
-    progress.finish();
+    progress.finish(done.published);
     Ok(done)
 }
 
