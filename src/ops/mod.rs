@@ -26,7 +26,7 @@ impl Progress {
         if self.tty && self.last.get().is_none_or(|t| t.elapsed() >= REDRAW_EVERY) {
             self.last.set(Some(Instant::now()));
             let mut err = std::io::stderr();
-            let _ = write!(err, "\r{} {done}...", self.what);
+            let _ = write!(err, "\r\x1b[K{} {done}...", self.what);
             let _ = err.flush();
         }
     }
@@ -34,7 +34,7 @@ impl Progress {
     /// Shows the final count and ends the line.
     pub fn finish(&self, done: u64) {
         if self.tty {
-            let _ = writeln!(std::io::stderr(), "\r{} {done}", self.what);
+            let _ = writeln!(std::io::stderr(), "\r\x1b[K{} {done}", self.what);
         }
     }
 }
