@@ -100,9 +100,19 @@ pub fn current() -> Option<TraceParent> {
 /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. Must be called outside the async
 /// runtime: the exporter's HTTP client blocks on a thread of its own.
 pub fn otlp_provider() -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>, String> {
-    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-    if !set("OTEL_EXPORTER_OTLP_ENDPOINT") && !set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+    let value = |name: &'static str| std::env::var(name).ok().filter(|v| !v.trim().is_empty()).map(|v| (name, v));
+    let Some((name, endpoint)) =
+        value("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| value("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    else {
         return Ok(None);
+    };
+    // The exporter is built without TLS (no OpenSSL, no C crypto in the image): an
+    // https endpoint would fail on every export, so it is refused at start instead.
+    if !endpoint.trim().to_ascii_lowercase().starts_with("http://") {
+        return Err(format!(
+            "invalid setting {name}: must be an http:// endpoint, e.g. a collector beside the service \
+             (http://otel-collector:4318); https is not supported by this build"
+        ));
     }
     use opentelemetry_otlp::WithExportConfig as _;
     let exporter = opentelemetry_otlp::SpanExporter::builder()

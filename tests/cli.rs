@@ -57,6 +57,12 @@ fn a_bad_otlp_endpoint_is_named_without_its_value() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].starts_with("micro8gents: invalid setting OTEL_EXPORTER_OTLP_ENDPOINT:"), "{lines:?}");
     assert!(!lines[0].contains("s3cret"), "{lines:?}");
+
+    let out = run(&["config"], &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example.com")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("OTEL_EXPORTER_OTLP_ENDPOINT: must be an http:// endpoint"), "{lines:?}");
 }
 
 #[test]
