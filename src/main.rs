@@ -67,10 +67,11 @@ enum DlqCommand {
         #[arg(long, default_value_t = dlq::DEFAULT_LIMIT)]
         limit: usize,
     },
-    /// Show one parked message: its reason, headers and body.
+    /// Show one parked message: its reason, try, trace and body.
     Show {
         /// The message id (the event's de-duplication key).
         id: String,
+        /// Look only in this family's queue: calls, billing or bookings.
         #[arg(long, value_parser = dlq::parse_family)]
         family: Option<Family>,
     },
@@ -82,8 +83,10 @@ enum DlqCommand {
         /// Redrive every parked message (of --family, if given).
         #[arg(long)]
         all: bool,
+        /// Only this family's queue: calls, billing or bookings.
         #[arg(long, value_parser = dlq::parse_family)]
         family: Option<Family>,
+        /// Read at most this many messages per queue.
         #[arg(long, default_value_t = dlq::DEFAULT_LIMIT)]
         limit: usize,
     },
@@ -195,6 +198,7 @@ async fn dlq_command(cfg: &Config, broker: &Arc<Broker>, topo: &Topology, action
                 let at = p.published_at.and_then(|t| DateTime::from_timestamp(t as i64, 0));
                 println!("parked at:    {}", at.map_or_else(|| "unknown".into(), |t| t.to_rfc3339()));
                 println!("reason:       {}", p.reason);
+                println!("traceparent:  {}", p.traceparent.as_deref().unwrap_or("-"));
                 println!("body:\n{}", p.body_text());
             }
         }
