@@ -8,5 +8,7 @@ CREATE TABLE webhook_worker.outbox (
     routing_key text NOT NULL,
     kind        text NOT NULL,
     body        bytea NOT NULL,
+    -- The request's W3C trace context, so the trace goes on through the outbox.
+    traceparent text,
     created_at  timestamptz NOT NULL DEFAULT now()
 );

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::bus::outbox::Relay;
 use crate::bus::{Broker, Publisher, Topology};
 use crate::config::Config;
-use crate::ingress::{AppState, router};
+use crate::ingress::{AppState, operational_router, router};
 use crate::store::{self, secrets::SecretStore};
 use crate::workers::{self, WorkerContext};
 
@@ -45,7 +45,7 @@ impl Role {
 
 /// A started service.
 pub struct Running {
-    /// Where the ingress listens (port 0 resolved), if this role serves.
+    /// Where the ingress (or a `work` process's metrics) listens, port 0 resolved.
     pub addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -73,6 +73,7 @@ impl Running {
 }
 
 pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
+    crate::telemetry::install();
     let pool = store::pool(&cfg, &format!("micro8gents-{}", role.name()))?;
     let topology = Topology::new(&cfg.amqp_prefix, &cfg.retry_delays);
     let conn_name = format!("micro8gents-{}-{}", role.name(), std::process::id());
@@ -88,19 +89,27 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
         let ctx = Arc::new(WorkerContext::new(&cfg, pool.clone(), broker.clone(), topology.clone()));
         tasks.push(tokio::spawn(workers::run(ctx, shutdown.clone())));
     }
-    if role.serves() {
-        let listener = TcpListener::bind(cfg.listen_addr).await?;
+    // The ingress serves everything on LISTEN_ADDR; a `work` process serves its
+    // health and metrics on METRICS_ADDR if one is set (several may share a host).
+    let listen = match role {
+        Role::Run | Role::Serve => Some((cfg.listen_addr, "ingress listening")),
+        Role::Work => cfg.metrics_addr.map(|a| (a, "metrics listening")),
+    };
+    if let Some((at, what)) = listen {
+        let listener = TcpListener::bind(at).await?;
         addr = Some(listener.local_addr()?);
-        info!(addr = %listener.local_addr()?, "ingress listening");
+        info!(addr = %listener.local_addr()?, "{what}");
         let publisher = Arc::new(Publisher::new(broker.clone(), cfg.publish_timeout));
         let outbox_wake = Arc::new(tokio::sync::Notify::new());
-        let relay = Relay {
-            pool: pool.clone(),
-            publisher: publisher.clone(),
-            topology: topology.clone(),
-            wake: outbox_wake.clone(),
-        };
-        tasks.push(tokio::spawn(relay.run(shutdown.clone())));
+        if role.serves() {
+            let relay = Relay {
+                pool: pool.clone(),
+                publisher: publisher.clone(),
+                topology: topology.clone(),
+                wake: outbox_wake.clone(),
+            };
+            tasks.push(tokio::spawn(relay.run(shutdown.clone())));
+        }
         let state = Arc::new(AppState {
             publisher,
             outbox_wake,
@@ -110,11 +119,12 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
             topology,
             cfg: cfg.clone(),
         });
+        let app = if role.serves() { router(state) } else { operational_router(state) };
         let token = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let server = axum::serve(listener, router(state)).with_graceful_shutdown(token.cancelled_owned());
+            let server = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned());
             if let Err(e) = server.await {
-                warn!(error = %e, "ingress stopped");
+                warn!(error = %e, "{what} stopped");
             }
         }));
     }

@@ -82,6 +82,8 @@ pub struct Config {
     pub retry_delays: Vec<Duration>,
     pub shutdown_grace: Duration,
     pub log_json: bool,
+    /// Where a `work` process serves `/metrics`, `/healthz` and `/readyz`; none if unset.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// One bad setting, named.
@@ -123,6 +125,7 @@ impl Config {
             retry_delays: env.duration_list("RETRY_DELAYS", "5s,30s,2m,10m,1h")?,
             shutdown_grace: env.duration("SHUTDOWN_GRACE", "20s")?,
             log_json: env.log_format("LOG_FORMAT")?,
+            metrics_addr: env.optional("METRICS_ADDR", "an address like 0.0.0.0:9100")?,
         };
         Ok(cfg)
     }
@@ -153,6 +156,7 @@ impl Config {
             ("RETRY_DELAYS", self.retry_delays.iter().map(|d| fmt_duration(*d)).collect::<Vec<_>>().join(",")),
             ("SHUTDOWN_GRACE", fmt_duration(self.shutdown_grace)),
             ("LOG_FORMAT", if self.log_json { "json" } else { "text" }.to_string()),
+            ("METRICS_ADDR", self.metrics_addr.map_or_else(|| "(unset)".into(), |a| a.to_string())),
         ]
     }
 }
@@ -167,6 +171,11 @@ impl Env<'_> {
     fn parsed<T: FromStr>(&self, name: &'static str, default: &str, expected: &str) -> Result<T, ConfigError> {
         let raw = self.get(name).unwrap_or(default);
         raw.parse().map_err(|_| bad(name, format!("{raw:?} is not {expected}")))
+    }
+
+    fn optional<T: FromStr>(&self, name: &'static str, expected: &str) -> Result<Option<T>, ConfigError> {
+        let Some(raw) = self.get(name) else { return Ok(None) };
+        raw.parse().map(Some).map_err(|_| bad(name, format!("{raw:?} is not {expected}")))
     }
 
     fn positive<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
@@ -307,6 +316,7 @@ mod tests {
             ("RETRY_DELAYS", "5s,soon"),
             ("AMQP_URL", "http://x"),
             ("LOG_FORMAT", "xml"),
+            ("METRICS_ADDR", "9100"),
         ] {
             let err = Config::from_vars(&vars(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name);

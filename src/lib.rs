@@ -13,7 +13,10 @@ pub mod bus;
 pub mod config;
 pub mod events;
 pub mod ingress;
+pub mod ops;
 pub mod store;
+pub mod telemetry;
+pub mod trace;
 pub mod verify;
 #[path = "../workers/mod.rs"]
 pub mod workers;

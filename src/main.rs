@@ -1,10 +1,20 @@
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 
 use clap::{Parser, Subcommand};
 use micro8gents::app::{self, Role};
+use micro8gents::bus::{Broker, Publisher, Topology};
 use micro8gents::config::Config;
+use micro8gents::events::{BusinessId, Family, Provider};
+use micro8gents::ops::{dlq, replay};
 use micro8gents::store;
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// Micro8gents webhook worker: verifies Twilio, Stripe and n8n webhooks,
 /// carries them over RabbitMQ and applies them to Postgres.
@@ -16,7 +26,7 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 enum Command {
     /// Ingress and every consumer in one process (the default); applies migrations first.
     Run,
@@ -28,6 +38,58 @@ enum Command {
     Migrate,
     /// Print the effective settings, secrets redacted.
     Config,
+    /// Look at and redrive the messages parked in the dead-letter queues.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Publish logged events (webhook_worker.inbox) again through the normal path;
+    /// an event already applied is a duplicate and changes nothing.
+    Replay {
+        /// twilio, stripe or n8n
+        #[arg(long, value_parser = replay::parse_provider)]
+        provider: Provider,
+        /// Only this business's events.
+        #[arg(long)]
+        business: Option<i32>,
+        /// Only events received since: an RFC 3339 time or a duration back from now (2h).
+        #[arg(long, value_parser = replay::parse_since)]
+        since: Option<DateTime<Utc>>,
+    },
+}
+
+#[derive(Subcommand, Clone)]
+enum DlqCommand {
+    /// List parked messages (none is removed).
+    List {
+        /// calls, billing or bookings (default: all three)
+        #[arg(long, value_parser = dlq::parse_family)]
+        family: Option<Family>,
+        /// Read at most this many messages.
+        #[arg(long, default_value_t = dlq::DEFAULT_LIMIT)]
+        limit: usize,
+    },
+    /// Show one parked message: its reason, try, trace and body.
+    Show {
+        /// The message id (the event's de-duplication key).
+        id: String,
+        /// Look only in this family's queue: calls, billing or bookings.
+        #[arg(long, value_parser = dlq::parse_family)]
+        family: Option<Family>,
+    },
+    /// Send parked messages back to their work queue, as first tries.
+    Redrive {
+        /// The message id to redrive.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Redrive every parked message (of --family, if given).
+        #[arg(long)]
+        all: bool,
+        /// Only this family's queue: calls, billing or bookings.
+        #[arg(long, value_parser = dlq::parse_family)]
+        family: Option<Family>,
+        /// Read at most this many messages per queue.
+        #[arg(long, default_value_t = dlq::DEFAULT_LIMIT)]
+        limit: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -39,15 +101,31 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cfg.log_json);
+    // Before the runtime: the OTLP exporter's HTTP client blocks on a thread of its own.
+    let tracer = match micro8gents::trace::otlp_provider() {
+        Ok(tracer) => tracer,
+        Err(e) => {
+            eprintln!("micro8gents: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_json, tracer.as_ref());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), cfg)) {
+    let code = match runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    };
+    drop(runtime);
+    // Sends the spans still batched.
+    if let Some(tracer) = tracer
+        && let Err(e) = tracer.shutdown()
+    {
+        eprintln!("micro8gents: traces not all exported: {e}");
     }
+    code
 }
 
 async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
@@ -65,6 +143,11 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         }
         Command::Serve => Role::Serve,
         Command::Work => Role::Work,
+        Command::Dlq(action) => return run_dlq(&cfg, action).await,
+        Command::Replay { provider, business, since } => {
+            let filter = replay::Filter { provider, business: business.map(BusinessId), since };
+            return run_replay(&cfg, filter).await;
+        }
     };
     let running = app::start(cfg, role).await?;
     let token = running.shutdown.clone();
@@ -75,6 +158,86 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
     });
     running.wait().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+fn broker(cfg: &Config, what: &str) -> (Arc<Broker>, Topology) {
+    let topology = Topology::new(&cfg.amqp_prefix, &cfg.retry_delays);
+    let name = format!("micro8gents-{what}-{}", std::process::id());
+    (Arc::new(Broker::new(cfg.amqp_url.expose(), &name, topology.clone())), topology)
+}
+
+async fn run_dlq(cfg: &Config, action: DlqCommand) -> anyhow::Result<()> {
+    let (broker, topo) = broker(cfg, "dlq");
+    let result = dlq_command(cfg, &broker, &topo, action).await;
+    broker.close().await;
+    result
+}
+
+async fn dlq_command(cfg: &Config, broker: &Arc<Broker>, topo: &Topology, action: DlqCommand) -> anyhow::Result<()> {
+    match action {
+        DlqCommand::List { family, limit } => {
+            let parked = dlq::list(broker, topo, family, limit).await?;
+            println!("{:<9} {:<50} {:<24} {:>7}  reason", "family", "id", "kind", "attempt");
+            for p in &parked {
+                let id = if p.id.is_empty() { "-" } else { p.id.as_str() };
+                println!("{:<9} {:<50} {:<24} {:>7}  {}", p.family, id, p.kind, p.attempt, p.reason);
+            }
+            println!("{} parked message(s)", parked.len());
+        }
+        DlqCommand::Show { id, family } => {
+            let parked = dlq::show(broker, topo, &id, family).await?;
+            if parked.is_empty() {
+                anyhow::bail!("no parked message has the id {id:?}");
+            }
+            for p in parked {
+                println!("family:       {}", p.family);
+                println!("id:           {}", p.id);
+                println!("kind:         {}", p.kind);
+                println!("attempt:      {}", p.attempt);
+                let at = p.published_at.and_then(|t| DateTime::from_timestamp(t as i64, 0));
+                println!("parked at:    {}", at.map_or_else(|| "unknown".into(), |t| t.to_rfc3339()));
+                println!("reason:       {}", p.reason);
+                println!("traceparent:  {}", p.traceparent.as_deref().unwrap_or("-"));
+                println!("body:\n{}", p.body_text());
+            }
+        }
+        DlqCommand::Redrive { id, all: _, family, limit } => {
+            let select = id.map_or(dlq::Select::All, dlq::Select::Id);
+            let publisher = Publisher::new(broker.clone(), cfg.publish_timeout);
+            let done = dlq::redrive(broker, &publisher, topo, &select, family, limit).await?;
+            for p in &done.redriven {
+                println!("redriven {} {}", p.family, if p.id.is_empty() { "-" } else { p.id.as_str() });
+            }
+            for (id, e) in &done.failed {
+                println!("NOT redriven {id}: {e} (still parked)");
+            }
+            println!("{} redriven, {} failed", done.redriven.len(), done.failed.len());
+            if let dlq::Select::Id(id) = select
+                && done.redriven.is_empty()
+                && done.failed.is_empty()
+            {
+                anyhow::bail!("no parked message has the id {id:?}");
+            }
+            if !done.failed.is_empty() {
+                anyhow::bail!("{} message(s) could not be redriven", done.failed.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_replay(cfg: &Config, filter: replay::Filter) -> anyhow::Result<()> {
+    let pool = store::pool(cfg, "micro8gents-replay")?;
+    let (broker, topo) = broker(cfg, "replay");
+    let publisher = Publisher::new(broker.clone(), cfg.publish_timeout);
+    let result = replay::replay(&pool, &publisher, &topo, &filter).await;
+    broker.close().await;
+    let done = result?;
+    for (key, reason) in &done.skipped {
+        println!("skipped {key}: {reason}");
+    }
+    println!("{} event(s) published again, {} skipped", done.published, done.skipped.len());
     Ok(())
 }
 
@@ -93,12 +256,11 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
-fn init_logging(json: bool) {
+/// Logs on stderr, text or JSON; spans also go to OTLP when a tracer is given.
+fn init_logging(json: bool, tracer: Option<&SdkTracerProvider>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json { fmt.json().flatten_event(true).boxed() } else { fmt.boxed() };
+    let otlp = tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t.tracer("micro8gents")));
+    tracing_subscriber::registry().with(filter).with(fmt).with(otlp).init();
 }

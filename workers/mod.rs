@@ -22,11 +22,14 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Consumer, message::Delivery};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+use tracing::field::{Empty, display};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::bus::{ATTEMPT_HEADER, Broker, BusError, Outgoing, Publisher, Topology, header_int};
+use crate::bus::{ATTEMPT_HEADER, Broker, BusError, Outgoing, Publisher, Topology, header_int, header_str};
 use crate::config::Config;
 use crate::events::{Envelope, Event, Family};
+use crate::telemetry;
+use crate::trace::{TRACEPARENT, TraceParent};
 
 /// What applying one event came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +192,8 @@ async fn fill_batch(ctx: &WorkerContext, consumer: &mut Consumer, first: Deliver
 struct Item {
     delivery: Delivery,
     attempt: i64,
+    /// The W3C trace the message arrived in (set by the ingress).
+    traceparent: Option<String>,
     envelope: Result<Envelope, String>,
 }
 
@@ -204,6 +209,7 @@ async fn process_batch(
         .into_iter()
         .map(|d| Item {
             attempt: header_int(&d.properties, ATTEMPT_HEADER).unwrap_or(1),
+            traceparent: header_str(&d.properties, TRACEPARENT),
             envelope: Envelope::from_json(&d.data),
             delivery: d,
         })
@@ -211,11 +217,16 @@ async fn process_batch(
     // One lock order for every worker: no deadlocks between concurrent batches.
     items.sort_by_key(lock_key);
 
-    let Some(outcomes) = apply_all(&ctx.pool, &items, shutdown).await else {
+    let started = std::time::Instant::now();
+    let applied = apply_all(&ctx.pool, &items, shutdown).await;
+    let Some(outcomes) = applied else {
         // Shutting down while Postgres is away: hand the batch back untouched.
         ch.basic_nack(last_tag, BasicNackOptions { multiple: true, requeue: true }).await?;
         return Ok(());
     };
+    let labels = [("family", family.as_str())];
+    metrics::histogram!(telemetry::APPLY_DURATION, &labels).record(started.elapsed().as_secs_f64());
+    metrics::counter!(telemetry::BATCHES, &labels).increment(1);
     for (item, outcome) in items.iter().zip(&outcomes) {
         settle(ctx, family, item, outcome).await?;
     }
@@ -359,10 +370,16 @@ async fn note_outcome(tx: &mut PgConnection, key: &str, why: &str) -> Result<(),
 async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &Outcome) -> Result<(), BusError> {
     let span = match &item.envelope {
         Ok(env) => {
-            info_span!("event", key = %env.key, kind = env.event.kind(), business = ?env.business_id.map(|b| b.0), call_sid = ?env.event.call_sid(), request_id = %env.request_id)
+            info_span!("event", request_id = %env.request_id, key = %env.key, provider = env.event.provider().as_str(), kind = env.event.kind(), business = env.business_id.map(|b| b.0), call_sid = env.event.call_sid(), family = family.as_str(), trace_id = Empty)
         }
-        Err(_) => info_span!("event", key = ?item.delivery.properties.message_id()),
+        Err(_) => {
+            info_span!("event", key = ?item.delivery.properties.message_id(), family = family.as_str(), trace_id = Empty)
+        }
     };
+    // The worker's span continues the ingress's trace.
+    let parent = item.traceparent.as_deref().and_then(TraceParent::parse);
+    span.record("trace_id", display(TraceParent::of_span(&span, parent).trace_id));
+    count(item, outcome);
     async {
         match outcome {
             Outcome::Applied => info!(attempt = item.attempt, "applied"),
@@ -381,6 +398,22 @@ async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &Outc
     .await
 }
 
+/// The outcome in the metrics; retries and dead letters are counted where they are sent.
+fn count(item: &Item, outcome: &Outcome) {
+    let provider = item.envelope.as_ref().map_or("unknown", |env| env.event.provider().as_str());
+    match outcome {
+        Outcome::Applied | Outcome::Flagged(_) => {
+            let kind = item.envelope.as_ref().map_or("unknown", |env| env.event.kind());
+            metrics::counter!(telemetry::EVENTS_APPLIED, "provider" => provider, "kind" => kind).increment(1);
+        }
+        Outcome::Duplicate => metrics::counter!(telemetry::EVENTS_DUPLICATE, "provider" => provider).increment(1),
+        Outcome::Ignored(why) => {
+            metrics::counter!(telemetry::EVENTS_IGNORED, "provider" => provider, "reason" => *why).increment(1)
+        }
+        Outcome::Retry(_) | Outcome::Failed(_) => {}
+    }
+}
+
 async fn retry_or_park(ctx: &WorkerContext, family: Family, item: &Item, reason: &str) -> Result<(), BusError> {
     let delays = &ctx.topology.retry_delays;
     let Some(delay) = usize::try_from(item.attempt - 1).ok().and_then(|i| delays.get(i)) else {
@@ -388,12 +421,14 @@ async fn retry_or_park(ctx: &WorkerContext, family: Family, item: &Item, reason:
         return park(ctx, family, item, &reason).await;
     };
     warn!(attempt = item.attempt, delay_ms = delay.as_millis() as u64, reason, "not applied; will retry");
+    metrics::counter!(telemetry::EVENTS_RETRIED, "family" => family.as_str()).increment(1);
     let (exchange, key) = (ctx.topology.retry_exchange(), Topology::retry_routing_key(family, *delay));
     ctx.publisher.publish(&republish(item, &exchange, &key, item.attempt + 1, reason)).await
 }
 
 async fn park(ctx: &WorkerContext, family: Family, item: &Item, reason: &str) -> Result<(), BusError> {
     error!(attempt = item.attempt, reason, "dead-lettered");
+    metrics::counter!(telemetry::EVENTS_DEAD_LETTERED, "family" => family.as_str()).increment(1);
     let exchange = ctx.topology.dead_exchange();
     ctx.publisher.publish(&republish(item, &exchange, family.as_str(), item.attempt, reason)).await
 }
@@ -415,5 +450,6 @@ fn republish<'a>(
         kind: props.kind().as_ref().map_or("unknown", |k| k.as_str()),
         attempt,
         error: Some(reason),
+        traceparent: item.traceparent.as_deref(),
     }
 }

@@ -140,6 +140,8 @@ pub struct Outgoing<'a> {
     pub kind: &'a str,
     pub attempt: i64,
     pub error: Option<&'a str>,
+    /// The W3C `traceparent` the message carries on to the worker.
+    pub traceparent: Option<&'a str>,
 }
 
 impl Publisher {
@@ -148,7 +150,13 @@ impl Publisher {
     }
 
     /// Publishes an envelope (already encoded as `body`) to the events exchange, first attempt.
-    pub async fn publish_envelope(&self, topo: &Topology, env: &Envelope, body: &[u8]) -> Result<(), BusError> {
+    pub async fn publish_envelope(
+        &self,
+        topo: &Topology,
+        env: &Envelope,
+        body: &[u8],
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
         let out = Outgoing {
             exchange: &topo.events_exchange(),
             routing_key: env.event.family().as_str(),
@@ -157,6 +165,7 @@ impl Publisher {
             kind: env.event.kind(),
             attempt: 1,
             error: None,
+            traceparent,
         };
         self.publish(&out).await
     }
@@ -174,8 +183,11 @@ impl Publisher {
     async fn publish_on(&self, ch: &Channel, out: &Outgoing<'_>) -> Result<(), BusError> {
         let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
         let props = properties(out);
+        let started = Instant::now();
         let confirm = ch.basic_publish(out.exchange.into(), out.routing_key.into(), opts, out.body, props).await?;
-        let confirmation = match tokio::time::timeout(self.timeout, confirm).await {
+        let confirmation = tokio::time::timeout(self.timeout, confirm).await;
+        metrics::histogram!(crate::telemetry::PUBLISH_CONFIRM_DURATION).record(started.elapsed().as_secs_f64());
+        let confirmation = match confirmation {
             Ok(c) => c?,
             Err(_) => return Err(BusError::ConfirmTimeout(self.timeout)),
         };
@@ -203,6 +215,9 @@ fn properties(out: &Outgoing<'_>) -> BasicProperties {
     headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(out.attempt));
     if let Some(e) = out.error {
         headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(LongString::from(e.to_string())));
+    }
+    if let Some(t) = out.traceparent {
+        headers.insert(crate::trace::TRACEPARENT.into(), AMQPValue::LongString(LongString::from(t.to_string())));
     }
     BasicProperties::default()
         .with_delivery_mode(2)

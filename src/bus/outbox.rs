@@ -26,15 +26,28 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 const MAX_PAUSE: Duration = Duration::from_secs(10);
 
 /// Keeps an accepted event that the broker did not confirm.
-pub async fn insert(pool: &PgPool, env: &Envelope, body: &[u8]) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO webhook_worker.outbox (event_key, routing_key, kind, body) VALUES ($1, $2, $3, $4)")
-        .bind(&env.key)
-        .bind(env.event.family().as_str())
-        .bind(env.event.kind())
-        .bind(body)
+pub async fn insert(pool: &PgPool, env: &Envelope, body: &[u8], traceparent: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO webhook_worker.outbox (event_key, routing_key, kind, body, traceparent) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&env.key)
+    .bind(env.event.family().as_str())
+    .bind(env.event.kind())
+    .bind(body)
+    .bind(traceparent)
         .execute(pool)
         .await?;
     Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct OutboxRow {
+    id: i64,
+    event_key: String,
+    routing_key: String,
+    kind: String,
+    body: Vec<u8>,
+    traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +104,8 @@ impl Relay {
     /// Publishes one batch of rows (confirms pipelined) and deletes the confirmed ones.
     async fn relay_once(&self) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<(i64, String, String, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, event_key, routing_key, kind, body FROM webhook_worker.outbox
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT id, event_key, routing_key, kind, body, traceparent FROM webhook_worker.outbox
               ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(RELAY_BATCH)
@@ -104,19 +117,19 @@ impl Relay {
         let exchange = self.topology.events_exchange();
         let outgoing: Vec<Outgoing<'_>> = rows
             .iter()
-            .map(|(_, key, routing_key, kind, body)| Outgoing {
+            .map(|r| Outgoing {
                 exchange: &exchange,
-                routing_key,
-                body,
-                message_id: key,
-                kind,
+                routing_key: &r.routing_key,
+                body: &r.body,
+                message_id: &r.event_key,
+                kind: &r.kind,
                 attempt: 1,
                 error: None,
+                traceparent: r.traceparent.as_deref(),
             })
             .collect();
         let results = join_all(outgoing.iter().map(|o| self.publisher.publish(o))).await;
-        let confirmed: Vec<i64> =
-            rows.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|((id, ..), _)| *id).collect();
+        let confirmed: Vec<i64> = rows.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(row, _)| row.id).collect();
         sqlx::query("DELETE FROM webhook_worker.outbox WHERE id = ANY($1)").bind(&confirmed).execute(&mut *tx).await?;
         tx.commit().await?;
         debug!(confirmed = confirmed.len(), taken = rows.len(), "outbox batch");

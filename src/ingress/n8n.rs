@@ -34,7 +34,7 @@ pub async fn bookings(
         Ok(id) => {
             (StatusCode::ACCEPTED, Json(json!({"status": "accepted", "webhook_id": id.as_str()}))).into_response()
         }
-        Err(e) => refuse(&request_id, "n8n", business.ok(), e),
+        Err(e) => refuse(&request_id, "n8n", "bookings", business.ok(), e),
     }
 }
 
@@ -76,7 +76,7 @@ async fn receive(
     let event = parse_booking(object)?.into_event(id.clone(), pushed_at);
     let env =
         Envelope::new(booking_key(business, &id), Some(business), request_id.to_string(), Event::N8nBooking(event));
-    accept(state, &env).await?;
+    accept(state, "bookings", &env).await?;
     Ok(id)
 }
 

@@ -17,7 +17,7 @@ pub async fn webhook(State(state): State<SharedState>, headers: HeaderMap, body:
     match receive(&state, &headers, body, &request_id).await {
         // Stripe reads only the status; the body is what its own examples answer.
         Ok(()) => (StatusCode::OK, Json(json!({"received": true}))).into_response(),
-        Err(e) => refuse(&request_id, "stripe", None, e),
+        Err(e) => refuse(&request_id, "stripe", "stripe", None, e),
     }
 }
 
@@ -40,5 +40,5 @@ async fn receive(state: &SharedState, headers: &HeaderMap, body: Body, request_i
     }
     let parsed = ev::parse(&value)?;
     let env = Envelope::new(ev::event_key(parsed.id()), None, request_id.to_string(), Event::from(parsed));
-    accept(state, &env).await
+    accept(state, "stripe", &env).await
 }

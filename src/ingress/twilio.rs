@@ -20,6 +20,16 @@ enum Callback {
     Transcription,
 }
 
+impl Callback {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Callback::CallStatus => "call-status",
+            Callback::Recording => "recording",
+            Callback::Transcription => "transcription",
+        }
+    }
+}
+
 pub async fn call_status(s: State<SharedState>, p: Path<String>, u: OriginalUri, h: HeaderMap, b: Body) -> Response {
     handle(Callback::CallStatus, s, p, u, h, b).await
 }
@@ -49,7 +59,7 @@ async fn handle(
     match result {
         // Twilio reads nothing from a status callback's answer; 204 is what it recommends.
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => refuse(&request_id, "twilio", business.ok(), e),
+        Err(e) => refuse(&request_id, "twilio", callback.endpoint(), business.ok(), e),
     }
 }
 
@@ -86,7 +96,7 @@ async fn receive(
     let params = if json_variant { json_params(&body)? } else { form };
     let event = parse(callback, business, &Params(&params))?;
     let env = Envelope::new(event.0, Some(business), request_id.to_string(), event.1);
-    accept(state, &env).await
+    accept(state, callback.endpoint(), &env).await
 }
 
 fn parse(callback: Callback, b: BusinessId, p: &Params) -> Result<(String, Event), ApiError> {

@@ -1,0 +1,182 @@
+//! What an operator sees: Prometheus metrics.
+//!
+//! Counters and histograms are recorded through the `metrics` crate wherever
+//! the thing happens (ingress `accept`/`refuse`, the publisher, the worker's
+//! `settle`). One recorder per process, installed on first use, so several
+//! services started in one process (the tests) share it. Gauges that describe
+//! *this* process's surroundings (dead-letter depth, pool, outbox) are read at
+//! scrape time and appended to the text, so they are never stale and never
+//! mixed up between two services in one process.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use metrics::{describe_counter, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sqlx::PgPool;
+
+use crate::bus::{Broker, Topology};
+use crate::events::Family;
+
+pub const EVENTS_ACCEPTED: &str = "micro8gents_events_accepted_total";
+pub const EVENTS_REJECTED: &str = "micro8gents_events_rejected_total";
+pub const EVENTS_DUPLICATE: &str = "micro8gents_events_duplicate_total";
+pub const HTTP_DURATION: &str = "micro8gents_http_request_duration_seconds";
+pub const PUBLISH_CONFIRM_DURATION: &str = "micro8gents_publish_confirm_duration_seconds";
+pub const APPLY_DURATION: &str = "micro8gents_apply_duration_seconds";
+pub const BATCHES: &str = "micro8gents_batches_total";
+pub const EVENTS_APPLIED: &str = "micro8gents_events_applied_total";
+pub const EVENTS_IGNORED: &str = "micro8gents_events_ignored_total";
+pub const EVENTS_RETRIED: &str = "micro8gents_events_retried_total";
+pub const EVENTS_DEAD_LETTERED: &str = "micro8gents_events_dead_lettered_total";
+pub const DLQ_DEPTH: &str = "micro8gents_dlq_messages";
+pub const POOL_CONNECTIONS: &str = "micro8gents_db_pool_connections";
+pub const OUTBOX_DEPTH: &str = "micro8gents_outbox_messages";
+pub const OUTBOX_OLDEST_AGE: &str = "micro8gents_outbox_oldest_age_seconds";
+
+/// Seconds: from a fast confirm (1 ms) to the publish timeout and beyond.
+const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Histograms are folded this often; a scrape folds them too.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// A scrape never waits longer than this for the broker or Postgres.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's recorder once and returns the handle that renders it.
+/// If some other recorder was installed first, the handle renders nothing recorded,
+/// but scraping still works.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder =
+            PrometheusBuilder::new().set_buckets(BUCKETS).expect("bucket list is not empty").build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics shows only gauges");
+        }
+        describe();
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                }
+            })
+            .expect("metrics upkeep thread");
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(EVENTS_ACCEPTED, "Webhooks accepted: the broker confirmed them and the sender got a 2xx.");
+    describe_counter!(
+        EVENTS_REJECTED,
+        "Webhooks refused, by reason (signature, timestamp, unknown_business, validation, too_large, unavailable)."
+    );
+    describe_counter!(
+        EVENTS_DUPLICATE,
+        "Events a worker found already applied (redeliveries, sender retries, replays)."
+    );
+    describe_histogram!(HTTP_DURATION, metrics::Unit::Seconds, "Time from request to answer on a webhook endpoint.");
+    describe_histogram!(PUBLISH_CONFIRM_DURATION, metrics::Unit::Seconds, "Time from publish to the broker's confirm.");
+    describe_histogram!(APPLY_DURATION, metrics::Unit::Seconds, "Time to apply one batch to Postgres.");
+    describe_counter!(BATCHES, "Batches applied by the workers.");
+    describe_counter!(EVENTS_APPLIED, "Events that changed the database.");
+    describe_counter!(
+        EVENTS_IGNORED,
+        "Events recorded but changing nothing (stale, or a kind not applied), by reason."
+    );
+    describe_counter!(EVENTS_RETRIED, "Events sent to a delay queue to be tried again later.");
+    describe_counter!(EVENTS_DEAD_LETTERED, "Events parked in a dead-letter queue.");
+}
+
+/// Counts a webhook the broker confirmed.
+pub fn accepted(provider: &'static str, endpoint: &'static str) {
+    metrics::counter!(EVENTS_ACCEPTED, "provider" => provider, "endpoint" => endpoint).increment(1);
+}
+
+/// Counts a refused webhook by its reason (`ApiError::reason`).
+pub fn rejected(provider: &'static str, endpoint: &'static str, reason: &'static str) {
+    metrics::counter!(EVENTS_REJECTED, "provider" => provider, "endpoint" => endpoint, "reason" => reason).increment(1);
+}
+
+pub fn http_duration(provider: &'static str, endpoint: &'static str, took: Duration) {
+    metrics::histogram!(HTTP_DURATION, "provider" => provider, "endpoint" => endpoint).record(took.as_secs_f64());
+}
+
+/// The whole text for one scrape: what was recorded, then this process's gauges.
+pub async fn render(pool: &PgPool, broker: &Broker, topology: &Topology) -> String {
+    let handle = install();
+    handle.run_upkeep();
+    let mut out = handle.render();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    dlq_gauges(&mut out, broker, topology).await;
+    pool_gauges(&mut out, pool);
+    outbox_gauges(&mut out, pool).await;
+    out
+}
+
+async fn dlq_gauges(out: &mut String, broker: &Broker, topology: &Topology) {
+    let depths = tokio::time::timeout(PROBE_TIMEOUT, dlq_depths(broker, topology)).await;
+    let Ok(Ok(depths)) = depths else { return };
+    let _ = writeln!(out, "# HELP {DLQ_DEPTH} Messages parked in each family's dead-letter queue.");
+    let _ = writeln!(out, "# TYPE {DLQ_DEPTH} gauge");
+    for (family, n) in depths {
+        let _ = writeln!(out, "{DLQ_DEPTH}{{family=\"{}\"}} {n}", family.as_str());
+    }
+}
+
+/// Each dead-letter queue's message count, read with a passive declare (which creates nothing).
+pub async fn dlq_depths(broker: &Broker, topology: &Topology) -> Result<Vec<(Family, u32)>, crate::bus::BusError> {
+    let ch = broker.channel().await?;
+    let mut depths = Vec::new();
+    for family in Family::ALL {
+        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = ch.queue_declare(topology.dead_queue(family).as_str().into(), opts, FieldTable::default()).await?;
+        depths.push((family, q.message_count()));
+    }
+    let _ = ch.close(200, "scraped".into()).await;
+    Ok(depths)
+}
+
+fn pool_gauges(out: &mut String, pool: &PgPool) {
+    let size = pool.size();
+    let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(size);
+    let _ = writeln!(out, "# HELP {POOL_CONNECTIONS} Postgres connections of this process's pool, by state.");
+    let _ = writeln!(out, "# TYPE {POOL_CONNECTIONS} gauge");
+    let _ = writeln!(out, "{POOL_CONNECTIONS}{{state=\"in_use\"}} {}", size - idle);
+    let _ = writeln!(out, "{POOL_CONNECTIONS}{{state=\"idle\"}} {idle}");
+}
+
+async fn outbox_gauges(out: &mut String, pool: &PgPool) {
+    let Ok(Ok(Some((depth, age)))) = tokio::time::timeout(PROBE_TIMEOUT, outbox(pool)).await else { return };
+    let _ = writeln!(out, "# HELP {OUTBOX_DEPTH} Events in the Postgres outbox waiting to be published.");
+    let _ = writeln!(out, "# TYPE {OUTBOX_DEPTH} gauge");
+    let _ = writeln!(out, "{OUTBOX_DEPTH} {depth}");
+    let _ = writeln!(out, "# HELP {OUTBOX_OLDEST_AGE} Age of the oldest event in the outbox (0 when empty).");
+    let _ = writeln!(out, "# TYPE {OUTBOX_OLDEST_AGE} gauge");
+    let _ = writeln!(out, "{OUTBOX_OLDEST_AGE} {age}");
+}
+
+/// The outbox's depth and oldest age, if the outbox table exists (it arrives with a later migration).
+async fn outbox(pool: &PgPool) -> Result<Option<(i64, f64)>, sqlx::Error> {
+    let (exists,): (bool,) =
+        sqlx::query_as("SELECT to_regclass('webhook_worker.outbox') IS NOT NULL").fetch_one(pool).await?;
+    if !exists {
+        return Ok(None);
+    }
+    let row: (i64, f64) = sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0)
+           FROM webhook_worker.outbox",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Some(row))
+}
