@@ -174,6 +174,15 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
     }
 }
 
+/// A verified body parsed as the one JSON object every JSON webhook sends (400 otherwise).
+pub fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(object)) => Ok(object),
+        Ok(_) => Err(ApiError::Malformed("the JSON body must be an object".into())),
+        Err(e) => Err(ApiError::Malformed(format!("the body is not JSON: {e}"))),
+    }
+}
+
 /// A path segment that must be a `businesses.id`; anything else is an unknown business.
 pub fn parse_business(raw: &str) -> Result<BusinessId, ApiError> {
     raw.parse::<i32>().ok().filter(|id| *id > 0).map(BusinessId).ok_or(ApiError::UnknownBusiness)

@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use super::{
-    ApiError, SharedState, accept, new_request_id, parse_business, read_body, refuse, verify_with_business_secrets,
+    ApiError, SharedState, accept, json_object, new_request_id, parse_business, read_body, refuse,
+    verify_with_business_secrets,
 };
 use crate::events::n8n::{WebhookId, booking_key, parse_booking};
 use crate::events::{BusinessId, Envelope, Event};
@@ -70,10 +71,7 @@ async fn receive(
         .ok_or(VerifyError::MalformedHeader(TIMESTAMP_HEADER))?;
 
     // Only now, with the signature good, is the body parsed.
-    let value: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("the body is not JSON: {e}")))?;
-    let object = value.as_object().ok_or_else(|| ApiError::Malformed("the JSON body must be an object".into()))?;
-    let event = parse_booking(object)?.into_event(id.clone(), pushed_at);
+    let event = parse_booking(&json_object(&body)?)?.into_event(id.clone(), pushed_at);
     let env =
         Envelope::new(booking_key(business, &id), Some(business), request_id.to_string(), Event::N8nBooking(event));
     accept(state, "bookings", &env).await?;

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{ApiError, SharedState, accept, new_request_id, read_body, refuse};
+use super::{ApiError, SharedState, accept, json_object, new_request_id, read_body, refuse};
 use crate::events::stripe as ev;
 use crate::events::{Envelope, Event};
 use crate::verify::stripe as verify;
@@ -33,11 +33,7 @@ async fn receive(state: &SharedState, headers: &HeaderMap, body: Body, request_i
     verify::verify(&secrets, header, &body, now, verify::DEFAULT_TOLERANCE_SECS)?;
 
     // Only now, with the signature good, is the body parsed.
-    let value: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("the body is not JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(ApiError::Malformed("the JSON body must be an object".into()));
-    }
+    let value = serde_json::Value::Object(json_object(&body)?);
     let parsed = ev::parse(&value)?;
     let env = Envelope::new(ev::event_key(parsed.id()), None, request_id.to_string(), Event::from(parsed));
     accept(state, "stripe", &env).await

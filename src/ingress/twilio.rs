@@ -6,7 +6,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::{
-    ApiError, SharedState, accept, new_request_id, parse_business, read_body, refuse, verify_with_business_secrets,
+    ApiError, SharedState, accept, json_object, new_request_id, parse_business, read_body, refuse,
+    verify_with_business_secrets,
 };
 use crate::events::twilio::{self as ev, Params};
 use crate::events::{BusinessId, Envelope, Event};
@@ -118,8 +119,8 @@ fn parse(callback: Callback, b: BusinessId, p: &Params) -> Result<(String, Event
 
 /// Twilio's JSON-body variant: a flat object whose values become the parameters.
 fn json_params(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::Malformed(format!("the body is not JSON: {e}")))?;
-    let object = value.as_object().ok_or_else(|| ApiError::Malformed("the JSON body must be an object".into()))?;
-    Ok(object.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string))).collect())
+    Ok(json_object(body)?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+        .collect())
 }
