@@ -80,7 +80,7 @@ pub async fn apply_booking(
     business: BusinessId,
     e: &BookingEvent,
 ) -> Result<Outcome, ApplyError> {
-    let state = match &e.external_id {
+    let state = match &e.booking.external_id {
         Some(external_id) => Some(lock_booking(tx, business, external_id).await?),
         None => None,
     };
@@ -89,13 +89,15 @@ pub async fn apply_booking(
         return Ok(Outcome::Ignored("older than the last applied push"));
     }
     let hours = read_hours(tx, business).await?;
-    let closed = match judge_hours(&hours, e.date) {
+    let closed = match judge_hours(&hours, e.booking.date) {
         Opening::Closed(reason) => Some(reason),
         Opening::Open | Opening::NotConfigured => None,
     };
     let booking_id = write_booking(tx, business, e, plan, closed.as_deref()).await?;
     Ok(match closed {
-        Some(reason) => Outcome::Flagged(OutsideHours { booking_id, business, date: e.date.to_rfc3339(), reason }),
+        Some(reason) => {
+            Outcome::Flagged(OutsideHours { booking_id, business, date: e.booking.date.to_rfc3339(), reason })
+        }
         None => Outcome::Applied,
     })
 }
@@ -186,21 +188,22 @@ async fn write_booking(
         Plan::Update(id) => (UPDATE, Some(id)),
         Plan::Create | Plan::Ignore => (CREATE, None),
     };
+    let b = &e.booking;
     let written: Option<(i32,)> = sqlx::query_as(sql)
         .bind(business.0)
-        .bind(e.external_id.as_deref())
+        .bind(b.external_id.as_deref())
         .bind(booking_id)
-        .bind(&e.customer)
-        .bind(e.phone.as_deref())
-        .bind(e.email.as_deref())
-        .bind(&e.service)
+        .bind(&b.customer)
+        .bind(b.phone.as_deref())
+        .bind(b.email.as_deref())
+        .bind(&b.service)
         // `timestamp without time zone` holds UTC wall time (CONTRACT section 4).
-        .bind(e.date.naive_utc())
-        .bind(e.status.as_str())
-        .bind(e.notes.as_deref())
+        .bind(b.date.naive_utc())
+        .bind(b.status.as_str())
+        .bind(b.notes.as_deref())
         .bind(e.pushed_at)
         .bind(e.webhook_id.as_str())
-        .bind(e.date.to_rfc3339())
+        .bind(b.date.to_rfc3339())
         .bind(closed)
         .fetch_optional(&mut *tx)
         .await?;

@@ -161,7 +161,7 @@ impl Event {
             // A transferred leg locks its parent's call.
             Event::TwilioCallStatus(e) => (Some(e.parent_call_sid.as_deref().unwrap_or(&e.call_sid)), 0, 0),
             Event::TwilioRecording(_) | Event::TwilioTranscription(_) => (self.call_sid(), 0, 0),
-            Event::N8nBooking(e) => (e.external_id.as_deref(), 0, 0),
+            Event::N8nBooking(e) => (e.booking.external_id.as_deref(), 0, 0),
             Event::StripeCheckoutSession(e) => {
                 let s = &e.object;
                 (Some(s.customer.as_deref().unwrap_or(&s.id)), 0, e.created.timestamp())

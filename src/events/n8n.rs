@@ -64,13 +64,20 @@ impl BookingStatus {
     }
 }
 
-/// One push: the whole booking as the workflow sees it now. A later push with
-/// the same `external_id` replaces every field (absent optional fields become empty).
+/// One push: the whole booking as the workflow sees it now, and which push it was.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BookingEvent {
     pub webhook_id: WebhookId,
     /// `webhook-timestamp` of the push: orders pushes of one `external_id`.
     pub pushed_at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub booking: BookingFields,
+}
+
+/// The booking a push carries. A later push with the same `external_id`
+/// replaces every field (absent optional fields become empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BookingFields {
     pub external_id: Option<String>,
     pub customer: String,
     pub phone: Option<String>,
@@ -82,33 +89,9 @@ pub struct BookingEvent {
     pub notes: Option<String>,
 }
 
-/// The fields of a push, before the headers' id and time are attached.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BookingFields {
-    pub external_id: Option<String>,
-    pub customer: String,
-    pub phone: Option<String>,
-    pub email: Option<String>,
-    pub service: String,
-    pub date: DateTime<FixedOffset>,
-    pub status: BookingStatus,
-    pub notes: Option<String>,
-}
-
 impl BookingFields {
     pub fn into_event(self, webhook_id: WebhookId, pushed_at: DateTime<Utc>) -> BookingEvent {
-        BookingEvent {
-            webhook_id,
-            pushed_at,
-            external_id: self.external_id,
-            customer: self.customer,
-            phone: self.phone,
-            email: self.email,
-            service: self.service,
-            date: self.date,
-            status: self.status,
-            notes: self.notes,
-        }
+        BookingEvent { webhook_id, pushed_at, booking: self }
     }
 }
 
@@ -361,7 +344,7 @@ mod tests {
         let e = parse(&good()).unwrap().into_event(id.clone(), DateTime::from_timestamp(1_764_072_000, 0).unwrap());
         let back: BookingEvent = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
         assert_eq!(back, e);
-        assert_eq!(back.date.to_rfc3339(), "2026-03-15T14:30:00+02:00");
+        assert_eq!(back.booking.date.to_rfc3339(), "2026-03-15T14:30:00+02:00");
         assert_eq!(booking_key(BusinessId(7), &id), "n8n:7:msg_1");
     }
 }
