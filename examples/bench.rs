@@ -186,10 +186,8 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
         args.businesses
     );
     let requests = Arc::new(requests);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency.max(256))
-        .tcp_nodelay(true)
-        .build()?;
+    let client =
+        reqwest::Client::builder().pool_max_idle_per_host(args.concurrency.max(256)).tcp_nodelay(true).build()?;
 
     let mut ceilings = Vec::new();
     if !args.no_ceilings {
@@ -292,7 +290,8 @@ async fn workload(args: &Args, pool: &PgPool) -> anyhow::Result<(Expect, Vec<Req
         .bind(format!("Bench clinic {i}"))
         .fetch_one(pool)
         .await?;
-        for (kind, config) in [("twilio", json!({"auth_token": token(b)})), ("n8n", json!({"webhook_secret": N8N_SECRET}))]
+        for (kind, config) in
+            [("twilio", json!({"auth_token": token(b)})), ("n8n", json!({"webhook_secret": N8N_SECRET}))]
         {
             sqlx::query("INSERT INTO integrations (business_id, type, config, status) VALUES ($1, $2, $3, 'active')")
                 .bind(b)
@@ -330,13 +329,7 @@ async fn workload(args: &Args, pool: &PgPool) -> anyhow::Result<(Expect, Vec<Req
     }
     slotted.sort_by(|a, b| a.0.total_cmp(&b.0));
     let requests: Vec<Req> = slotted.into_iter().map(|(_, r)| r).collect();
-    let expect = Expect {
-        businesses,
-        users,
-        calls: args.calls,
-        bookings: args.bookings,
-        events: requests.len(),
-    };
+    let expect = Expect { businesses, users, calls: args.calls, bookings: args.bookings, events: requests.len() };
     Ok((expect, requests))
 }
 
@@ -391,12 +384,16 @@ fn call_params(i: usize) -> Vec<Vec<(String, String)>> {
             ("CallSid", sid.clone()),
             ("TranscriptionSid", format!("TR{i:032x}")),
             ("TranscriptionStatus", "completed".into()),
-            ("TranscriptionText", "Hi, I would like to book a cleaning next Tuesday afternoon if you have a slot.".into()),
+            (
+                "TranscriptionText",
+                "Hi, I would like to book a cleaning next Tuesday afternoon if you have a slot.".into(),
+            ),
         ]),
     ]
 }
 
-const CALL_ENDPOINTS: [&str; 6] = ["call-status", "call-status", "call-status", "call-status", "recording", "transcription"];
+const CALL_ENDPOINTS: [&str; 6] =
+    ["call-status", "call-status", "call-status", "call-status", "recording", "transcription"];
 
 fn call_requests(i: usize, business: i32) -> Vec<Req> {
     call_params(i)
@@ -723,7 +720,11 @@ enum Service {
 }
 
 impl Service {
-    async fn start(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyhow::Result<(Service, Vec<String>)> {
+    async fn start(
+        args: &Args,
+        cfg: &Config,
+        vars: &HashMap<String, String>,
+    ) -> anyhow::Result<(Service, Vec<String>)> {
         if args.serve == 0 {
             let running = app::start(cfg.clone(), Role::Run).await?;
             let base = format!("http://{}", running.addr.expect("the ingress listens"));
@@ -738,7 +739,7 @@ impl Service {
                 // One log line per accepted and per applied event is a per-event cost of its own.
                 cmd.env("RUST_LOG", "warn");
             }
-            Ok(cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {}: {e}", args.bin.display()))?)
+            cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {}: {e}", args.bin.display()))
         };
         for _ in 0..args.serve {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
