@@ -13,7 +13,7 @@ pub mod billing;
 pub mod bookings;
 pub mod calls;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -167,14 +167,15 @@ async fn consume(ctx: &Arc<WorkerContext>, family: Family, shutdown: &Cancellati
     info!(queue = %queue, lanes, "consuming");
     // A lane that fails (its channel broke) stops the others and the consumer: all reconnect.
     let failed = shutdown.child_token();
+    let acks = Arc::new(Acks::new(ch.clone()));
     let mut senders = Vec::with_capacity(lanes);
     let mut tasks = Vec::with_capacity(lanes);
     for _ in 0..lanes {
         let (tx, rx) = tokio::sync::mpsc::channel(usize::from(ctx.prefetch).max(1));
         senders.push(tx);
-        let (ctx, ch, failed) = (ctx.clone(), ch.clone(), failed.clone());
+        let (ctx, ch, acks, failed) = (ctx.clone(), ch.clone(), acks.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
-            let result = lane(&ctx, family, &ch, rx, &failed).await;
+            let result = lane(&ctx, family, &ch, &acks, rx, &failed).await;
             if result.is_err() {
                 failed.cancel();
             }
@@ -235,6 +236,7 @@ async fn lane(
     ctx: &WorkerContext,
     family: Family,
     ch: &Channel,
+    acks: &Acks,
     mut rx: tokio::sync::mpsc::Receiver<Item>,
     stop: &CancellationToken,
 ) -> Result<(), BusError> {
@@ -245,7 +247,7 @@ async fn lane(
         };
         let Some(first) = first else { return Ok(()) };
         let batch = fill_batch(ctx, &mut rx, first).await;
-        process_batch(ctx, family, ch, batch, stop).await?;
+        process_batch(ctx, family, ch, acks, batch, stop).await?;
     }
 }
 
@@ -283,6 +285,7 @@ async fn process_batch(
     ctx: &WorkerContext,
     family: Family,
     ch: &Channel,
+    acks: &Acks,
     mut items: Vec<Item>,
     shutdown: &CancellationToken,
 ) -> Result<(), BusError> {
@@ -290,7 +293,8 @@ async fn process_batch(
     items.sort_by_key(lock_key);
 
     let Some(outcomes) = apply_all(&ctx.pool, &items, shutdown).await else {
-        // Shutting down while Postgres is away: hand the batch back untouched.
+        // Shutting down while Postgres is away: hand the batch back untouched
+        // (never settled, so no later `multiple` ack covers it).
         for item in &items {
             ch.basic_nack(item.delivery.delivery_tag, BasicNackOptions { multiple: false, requeue: true }).await?;
         }
@@ -299,11 +303,45 @@ async fn process_batch(
     for (item, outcome) in items.iter().zip(&outcomes) {
         settle(ctx, family, item, outcome).await?;
     }
-    // Lanes share the channel, so each acks its own messages (never `multiple`).
-    for item in &items {
-        ch.basic_ack(item.delivery.delivery_tag, BasicAckOptions { multiple: false }).await?;
+    acks.settled(items.iter().map(|i| i.delivery.delivery_tag)).await
+}
+
+/// Acknowledges a channel's deliveries once every one up to a tag is settled,
+/// with one `multiple` ack: lanes finish out of order, and an ack per message
+/// costs the broker and the worker as much again as the message itself.
+/// (Delivery tags count up from 1 per channel, and the channel has one consumer.)
+struct Acks {
+    ch: Channel,
+    state: tokio::sync::Mutex<AckState>,
+}
+
+#[derive(Default)]
+struct AckState {
+    /// Every tag up to here is acknowledged.
+    upto: u64,
+    /// Settled tags above `upto`, waiting for the ones below them.
+    done: BTreeSet<u64>,
+}
+
+impl Acks {
+    fn new(ch: Channel) -> Self {
+        Acks { ch, state: tokio::sync::Mutex::new(AckState::default()) }
     }
-    Ok(())
+
+    async fn settled(&self, tags: impl Iterator<Item = u64>) -> Result<(), BusError> {
+        let mut st = self.state.lock().await;
+        st.done.extend(tags);
+        let before = st.upto;
+        while st.done.first() == Some(&(st.upto + 1)) {
+            st.done.pop_first();
+            st.upto += 1;
+        }
+        if st.upto > before {
+            // Under the lock, so acks leave in order.
+            self.ch.basic_ack(st.upto, BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The batch order, which is also the order row locks are taken in (see [`Event::lock_key`]).
