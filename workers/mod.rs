@@ -330,17 +330,24 @@ impl Acks {
 
     async fn settled(&self, tags: impl Iterator<Item = u64>) -> Result<(), BusError> {
         let mut st = self.state.lock().await;
-        st.done.extend(tags);
-        let before = st.upto;
-        while st.done.first() == Some(&(st.upto + 1)) {
-            st.done.pop_first();
-            st.upto += 1;
-        }
-        if st.upto > before {
+        if let Some(upto) = st.settle(tags) {
             // Under the lock, so acks leave in order.
-            self.ch.basic_ack(st.upto, BasicAckOptions { multiple: true }).await?;
+            self.ch.basic_ack(upto, BasicAckOptions { multiple: true }).await?;
         }
         Ok(())
+    }
+}
+
+impl AckState {
+    /// Records settled tags; the tag to ack with `multiple` if the settled run from 1 grew.
+    fn settle(&mut self, tags: impl Iterator<Item = u64>) -> Option<u64> {
+        self.done.extend(tags);
+        let before = self.upto;
+        while self.done.first() == Some(&(self.upto + 1)) {
+            self.done.pop_first();
+            self.upto += 1;
+        }
+        (self.upto > before).then_some(self.upto)
     }
 }
 
@@ -598,5 +605,21 @@ fn republish<'a>(
         kind: props.kind().as_ref().map_or("unknown", |k| k.as_str()),
         attempt,
         error: Some(reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AckState;
+
+    #[test]
+    fn acks_wait_for_every_lower_tag_and_never_pass_a_gap() {
+        let mut acks = AckState::default();
+        assert_eq!(acks.settle([3, 4].into_iter()), None, "1 and 2 are still being applied");
+        assert_eq!(acks.settle([1].into_iter()), Some(1));
+        assert_eq!(acks.settle([2, 6].into_iter()), Some(4), "2 closes the gap up to 4; 5 is missing");
+        assert_eq!(acks.settle(std::iter::empty()), None);
+        assert_eq!(acks.settle([5].into_iter()), Some(6));
+        assert!(acks.done.is_empty());
     }
 }
