@@ -215,6 +215,11 @@ async fn consume(ctx: &Arc<WorkerContext>, family: Family, shutdown: &Cancellati
             _ => {}
         }
     }
+    // Batches applied above a gap (a lane's messages never started) are acked
+    // one by one, so a restart does not deliver them again.
+    if let Err(e) = acks.settled_above_gaps().await {
+        debug!(error = %e, "could not ack the last settled messages; they will be redelivered as duplicates");
+    }
     let _ = ch.close(200, "shutdown".into()).await;
     if outcome.is_ok() && !shutdown.is_cancelled() {
         outcome = Err(BusError::Unavailable("a lane stopped".into()));
@@ -333,6 +338,18 @@ impl Acks {
         if let Some(upto) = st.settle(tags) {
             // Under the lock, so acks leave in order.
             self.ch.basic_ack(upto, BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Acks {
+    /// Acks each settled tag that waits behind an unsettled one: at the end, when
+    /// the gap will never close (its messages go back to the queue instead).
+    async fn settled_above_gaps(&self) -> Result<(), BusError> {
+        let mut st = self.state.lock().await;
+        while let Some(tag) = st.done.pop_first() {
+            self.ch.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
         }
         Ok(())
     }
