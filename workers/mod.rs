@@ -403,13 +403,13 @@ async fn apply_all(pool: &PgPool, items: &[Item], shutdown: &CancellationToken) 
 }
 
 /// The fast path: the whole batch's keys are claimed in one statement, then
-/// each new event is applied; per-call writes are gathered ([`calls::CallWrites`])
-/// and sent once per call before the commit.
+/// each new event is applied; per-call writes and inbox outcomes are gathered
+/// ([`Deferred`]) and sent once per call and once per batch before the commit.
 async fn apply_in_one_transaction(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     let mut fresh = claim_all(&mut tx, items).await?;
-    let mut writes = calls::CallWrites::default();
+    let mut writes = Deferred::default();
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         // The first item of a key claimed it; a second copy in the same batch is a duplicate.
@@ -427,7 +427,7 @@ async fn apply_one_by_one(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>,
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         let mut tx = conn.begin().await?;
-        let mut writes = calls::CallWrites::default();
+        let mut writes = Deferred::default();
         let applied = match apply_item(&mut tx, &mut writes, item).await {
             Ok(o) => writes.flush(&mut tx).await.map(|()| o).map_err(ApplyError::from),
             Err(e) => Err(e),
@@ -448,7 +448,7 @@ async fn apply_one_by_one(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>,
     Ok(outcomes)
 }
 
-async fn apply_item(tx: &mut PgConnection, writes: &mut calls::CallWrites, item: &Item) -> Result<Outcome, ApplyError> {
+async fn apply_item(tx: &mut PgConnection, writes: &mut Deferred, item: &Item) -> Result<Outcome, ApplyError> {
     let claimed = match &item.envelope {
         Ok(env) => claim(tx, env, raw_envelope(item)).await?,
         Err(_) => false,
@@ -460,7 +460,7 @@ async fn apply_item(tx: &mut PgConnection, writes: &mut calls::CallWrites, item:
 /// says why not: undecodable, or a duplicate.
 async fn apply_claimed(
     tx: &mut PgConnection,
-    writes: &mut calls::CallWrites,
+    writes: &mut Deferred,
     item: &Item,
     claimed: bool,
 ) -> Result<Outcome, ApplyError> {
@@ -471,10 +471,10 @@ async fn apply_claimed(
     if !claimed {
         return Ok(Outcome::Duplicate);
     }
-    let outcome = apply_event(tx, writes, env).await?;
+    let outcome = apply_event(tx, &mut writes.calls, env).await?;
     match &outcome {
         Outcome::Retry(_) | Outcome::Failed(_) => release(tx, &env.key).await?,
-        Outcome::Ignored(why) => note_outcome(tx, &env.key, why).await?,
+        Outcome::Ignored(why) => writes.ignored.push((env.key.clone(), why)),
         Outcome::Applied | Outcome::Flagged(_) | Outcome::Duplicate => {}
     }
     Ok(outcome)
@@ -552,12 +552,35 @@ async fn release(tx: &mut PgConnection, key: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-async fn note_outcome(tx: &mut PgConnection, key: &str, why: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE webhook_worker.inbox SET outcome = $2 WHERE event_key = $1")
-        .bind(key)
-        .bind(format!("ignored: {why}"))
-        .execute(&mut *tx)
-        .await?;
+/// Writes gathered while a transaction applies its events, sent before it commits.
+#[derive(Default)]
+struct Deferred {
+    calls: calls::CallWrites,
+    /// Keys of events recorded but changing nothing, and why.
+    ignored: Vec<(String, &'static str)>,
+}
+
+impl Deferred {
+    async fn flush(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        self.calls.flush(tx).await?;
+        if !self.ignored.is_empty() {
+            note_outcomes(tx, &self.ignored).await?;
+            self.ignored.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Says in the inbox why each event changed nothing: one statement for the batch.
+async fn note_outcomes(tx: &mut PgConnection, ignored: &[(String, &'static str)]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_worker.inbox i SET outcome = 'ignored: ' || u.why
+           FROM unnest($1::text[], $2::text[]) AS u(k, why) WHERE i.event_key = u.k",
+    )
+    .bind(ignored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+    .bind(ignored.iter().map(|(_, why)| *why).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
