@@ -78,6 +78,9 @@ pub struct Config {
     pub prefetch: u16,
     pub batch_size: usize,
     pub batch_wait: Duration,
+    /// Consumers per event family in one `work` process, each on its own channel
+    /// with its own prefetch window, so that several batches are in Postgres at once.
+    pub worker_concurrency: usize,
     /// Delays between the tries of an event that cannot be applied yet; one try more than delays.
     pub retry_delays: Vec<Duration>,
     pub shutdown_grace: Duration,
@@ -122,6 +125,7 @@ impl Config {
             prefetch: env.positive("PREFETCH", 200)?,
             batch_size: env.positive("BATCH_SIZE", 100)?,
             batch_wait: env.duration("BATCH_WAIT", "5ms")?,
+            worker_concurrency: env.at_most("WORKER_CONCURRENCY", 4, 64)?,
             retry_delays: env.duration_list("RETRY_DELAYS", "5s,30s,2m,10m,1h")?,
             shutdown_grace: env.duration("SHUTDOWN_GRACE", "20s")?,
             log_json: env.log_format("LOG_FORMAT")?,
@@ -153,6 +157,7 @@ impl Config {
             ("PREFETCH", self.prefetch.to_string()),
             ("BATCH_SIZE", self.batch_size.to_string()),
             ("BATCH_WAIT", fmt_duration(self.batch_wait)),
+            ("WORKER_CONCURRENCY", self.worker_concurrency.to_string()),
             ("RETRY_DELAYS", self.retry_delays.iter().map(|d| fmt_duration(*d)).collect::<Vec<_>>().join(",")),
             ("SHUTDOWN_GRACE", fmt_duration(self.shutdown_grace)),
             ("LOG_FORMAT", if self.log_json { "json" } else { "text" }.to_string()),
@@ -187,6 +192,15 @@ impl Env<'_> {
             Ok(v) if v > T::default() => Ok(v),
             _ => Err(bad(name, format!("{raw:?} is not a positive whole number"))),
         }
+    }
+
+    /// A positive whole number no larger than `max`.
+    fn at_most(&self, name: &'static str, default: usize, max: usize) -> Result<usize, ConfigError> {
+        let n = self.positive(name, default)?;
+        if n > max {
+            return Err(bad(name, format!("{n} is above the limit of {max}")));
+        }
+        Ok(n)
     }
 
     fn url(&self, name: &'static str, default: &str, schemes: &[&str]) -> Result<String, ConfigError> {
@@ -313,6 +327,8 @@ mod tests {
             ("PUBLIC_BASE_URL", "ftp://x"),
             ("BODY_LIMIT_BYTES", "2000000"),
             ("PREFETCH", "0"),
+            ("WORKER_CONCURRENCY", "0"),
+            ("WORKER_CONCURRENCY", "65"),
             ("RETRY_DELAYS", "5s,soon"),
             ("AMQP_URL", "http://x"),
             ("LOG_FORMAT", "xml"),
@@ -322,6 +338,14 @@ mod tests {
             assert_eq!(err.name, name);
             assert!(err.to_string().starts_with(&format!("invalid setting {name}:")), "{err}");
         }
+    }
+
+    #[test]
+    fn worker_concurrency_defaults_to_four_consumers_per_family() {
+        assert_eq!(Config::from_vars(&HashMap::new()).unwrap().worker_concurrency, 4);
+        let cfg = Config::from_vars(&vars(&[("WORKER_CONCURRENCY", "1")])).unwrap();
+        assert_eq!(cfg.worker_concurrency, 1);
+        assert!(cfg.describe().contains(&("WORKER_CONCURRENCY", "1".to_string())));
     }
 
     #[test]

@@ -13,13 +13,14 @@ pub mod billing;
 pub mod bookings;
 pub mod calls;
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Consumer, message::Delivery};
+use lapin::{Channel, message::Delivery};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::field::{Empty, display};
@@ -102,6 +103,8 @@ pub struct WorkerContext {
     pub prefetch: u16,
     pub batch_size: usize,
     pub batch_wait: Duration,
+    /// Batches of one family applied at once, in lanes by entity (see `WORKER_CONCURRENCY`).
+    pub concurrency: usize,
 }
 
 impl WorkerContext {
@@ -114,11 +117,13 @@ impl WorkerContext {
             prefetch: cfg.prefetch,
             batch_size: cfg.batch_size,
             batch_wait: cfg.batch_wait,
+            concurrency: cfg.worker_concurrency,
         }
     }
 }
 
-/// Runs one consumer per family until `shutdown`, reconnecting after broker failures.
+/// Runs one consumer per family, each with `concurrency` lanes (see [`consume`]),
+/// until `shutdown`, reconnecting after broker failures.
 pub async fn run(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
     let tasks: Vec<_> = Family::ALL
         .into_iter()
@@ -152,40 +157,124 @@ async fn consume_forever(ctx: Arc<WorkerContext>, family: Family, shutdown: Canc
     debug!(family = family.as_str(), "consumer finished");
 }
 
-async fn consume(ctx: &WorkerContext, family: Family, shutdown: &CancellationToken) -> Result<(), BusError> {
+/// One consumer (one channel, delivery order) feeds `concurrency` lanes. A
+/// message goes to the lane of its entity ([`Event::lock_key`]: the call, the
+/// booking, the Stripe customer), so one entity's events are still applied one
+/// batch after another in the order the queue delivered them, as with a single
+/// consumer, while the lanes' batches are in Postgres at the same time.
+async fn consume(ctx: &Arc<WorkerContext>, family: Family, shutdown: &CancellationToken) -> Result<(), BusError> {
     let ch = ctx.broker.channel().await?;
-    ch.basic_qos(ctx.prefetch, BasicQosOptions::default()).await?;
+    let lanes = ctx.concurrency.max(1);
+    let window = usize::from(ctx.prefetch).saturating_mul(lanes).min(usize::from(u16::MAX)) as u16;
+    ch.basic_qos(window, BasicQosOptions::default()).await?;
     let queue = ctx.topology.work_queue(family);
     let tag = format!("{}-{}", family.as_str(), uuid::Uuid::new_v4().simple());
     let mut consumer = ch
         .basic_consume(queue.as_str().into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
-    info!(queue = %queue, "consuming");
+    info!(queue = %queue, lanes, "consuming");
+    // A lane that fails (its channel broke) stops the others and the consumer: all reconnect.
+    let failed = shutdown.child_token();
+    let acks = Arc::new(Acks::new(ch.clone()));
+    let mut senders = Vec::with_capacity(lanes);
+    let mut tasks = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        let (tx, rx) = tokio::sync::mpsc::channel(usize::from(ctx.prefetch).max(1));
+        senders.push(tx);
+        let (ctx, ch, acks, failed) = (ctx.clone(), ch.clone(), acks.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let result = lane(&ctx, family, &ch, &acks, rx, &failed).await;
+            if result.is_err() {
+                failed.cancel();
+            }
+            result
+        }));
+    }
+    let mut outcome = Ok(());
     loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => break,
+        let next = tokio::select! {
+            _ = failed.cancelled() => break,
             next = consumer.next() => next,
         };
-        let Some(first) = first else { return Err(BusError::Unavailable("consumer cancelled by the broker".into())) };
-        let batch = fill_batch(ctx, &mut consumer, first?).await?;
-        process_batch(ctx, family, &ch, batch, shutdown).await?;
+        let delivery = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                outcome = Err(e.into());
+                break;
+            }
+            None => {
+                outcome = Err(BusError::Unavailable("consumer cancelled by the broker".into()));
+                break;
+            }
+        };
+        let item = Item::new(delivery);
+        let lane = lane_of(&item, lanes);
+        if senders[lane].send(item).await.is_err() {
+            break;
+        }
     }
-    // Anything prefetched but not taken is requeued by the broker when the channel closes.
+    // Each lane finishes the batch it holds; anything not started is requeued
+    // by the broker when the channel closes.
+    failed.cancel();
+    drop(senders);
+    for t in tasks {
+        match t.await {
+            Ok(Err(e)) if outcome.is_ok() && !shutdown.is_cancelled() => outcome = Err(e),
+            _ => {}
+        }
+    }
+    // Batches applied above a gap (a lane's messages never started) are acked
+    // one by one, so a restart does not deliver them again.
+    if let Err(e) = acks.settled_above_gaps().await {
+        debug!(error = %e, "could not ack the last settled messages; they will be redelivered as duplicates");
+    }
     let _ = ch.close(200, "shutdown".into()).await;
-    Ok(())
+    if outcome.is_ok() && !shutdown.is_cancelled() {
+        outcome = Err(BusError::Unavailable("a lane stopped".into()));
+    }
+    outcome
+}
+
+/// The lane an item is applied in: a hash of the entity it locks.
+fn lane_of(item: &Item, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let (business, entity, _, _) = lock_key(item);
+    (business, entity).hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+/// Takes batches off its share of the deliveries and applies them, one after another.
+async fn lane(
+    ctx: &WorkerContext,
+    family: Family,
+    ch: &Channel,
+    acks: &Acks,
+    mut rx: tokio::sync::mpsc::Receiver<Item>,
+    stop: &CancellationToken,
+) -> Result<(), BusError> {
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            first = rx.recv() => first,
+        };
+        let Some(first) = first else { return Ok(()) };
+        let batch = fill_batch(ctx, &mut rx, first).await;
+        process_batch(ctx, family, ch, acks, batch, stop).await?;
+    }
 }
 
 /// Takes what is already waiting, up to the batch size or for `batch_wait` at most.
-async fn fill_batch(ctx: &WorkerContext, consumer: &mut Consumer, first: Delivery) -> Result<Vec<Delivery>, BusError> {
+async fn fill_batch(ctx: &WorkerContext, rx: &mut tokio::sync::mpsc::Receiver<Item>, first: Item) -> Vec<Item> {
     let mut batch = vec![first];
     let deadline = tokio::time::Instant::now() + ctx.batch_wait;
     while batch.len() < ctx.batch_size {
-        match tokio::time::timeout_at(deadline, consumer.next()).await {
-            Ok(Some(d)) => batch.push(d?),
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(item)) => batch.push(item),
             Ok(None) | Err(_) => break,
         }
     }
-    Ok(batch)
+    batch
 }
 
 /// One message of a batch: its delivery, its try count and, if it decoded, its envelope.
@@ -197,31 +286,35 @@ struct Item {
     envelope: Result<Envelope, String>,
 }
 
+impl Item {
+    fn new(delivery: Delivery) -> Self {
+        Item {
+            attempt: header_int(&delivery.properties, ATTEMPT_HEADER).unwrap_or(1),
+            traceparent: header_str(&delivery.properties, TRACEPARENT),
+            envelope: Envelope::from_json(&delivery.data),
+            delivery,
+        }
+    }
+}
+
 async fn process_batch(
     ctx: &WorkerContext,
     family: Family,
     ch: &Channel,
-    batch: Vec<Delivery>,
+    acks: &Acks,
+    mut items: Vec<Item>,
     shutdown: &CancellationToken,
 ) -> Result<(), BusError> {
-    let last_tag = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
-    let mut items: Vec<Item> = batch
-        .into_iter()
-        .map(|d| Item {
-            attempt: header_int(&d.properties, ATTEMPT_HEADER).unwrap_or(1),
-            traceparent: header_str(&d.properties, TRACEPARENT),
-            envelope: Envelope::from_json(&d.data),
-            delivery: d,
-        })
-        .collect();
     // One lock order for every worker: no deadlocks between concurrent batches.
     items.sort_by_key(lock_key);
 
     let started = std::time::Instant::now();
-    let applied = apply_all(&ctx.pool, &items, shutdown).await;
-    let Some(outcomes) = applied else {
-        // Shutting down while Postgres is away: hand the batch back untouched.
-        ch.basic_nack(last_tag, BasicNackOptions { multiple: true, requeue: true }).await?;
+    let Some(outcomes) = apply_all(&ctx.pool, &items, shutdown).await else {
+        // Shutting down while Postgres is away: hand the batch back untouched
+        // (never settled, so no later `multiple` ack covers it).
+        for item in &items {
+            ch.basic_nack(item.delivery.delivery_tag, BasicNackOptions { multiple: false, requeue: true }).await?;
+        }
         return Ok(());
     };
     let labels = [("family", family.as_str())];
@@ -230,8 +323,64 @@ async fn process_batch(
     for (item, outcome) in items.iter().zip(&outcomes) {
         settle(ctx, family, item, outcome).await?;
     }
-    ch.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
-    Ok(())
+    acks.settled(items.iter().map(|i| i.delivery.delivery_tag)).await
+}
+
+/// Acknowledges a channel's deliveries once every one up to a tag is settled,
+/// with one `multiple` ack: lanes finish out of order, and an ack per message
+/// costs the broker and the worker as much again as the message itself.
+/// (Delivery tags count up from 1 per channel, and the channel has one consumer.)
+struct Acks {
+    ch: Channel,
+    state: tokio::sync::Mutex<AckState>,
+}
+
+#[derive(Default)]
+struct AckState {
+    /// Every tag up to here is acknowledged.
+    upto: u64,
+    /// Settled tags above `upto`, waiting for the ones below them.
+    done: BTreeSet<u64>,
+}
+
+impl Acks {
+    fn new(ch: Channel) -> Self {
+        Acks { ch, state: tokio::sync::Mutex::new(AckState::default()) }
+    }
+
+    async fn settled(&self, tags: impl Iterator<Item = u64>) -> Result<(), BusError> {
+        let mut st = self.state.lock().await;
+        if let Some(upto) = st.settle(tags) {
+            // Under the lock, so acks leave in order.
+            self.ch.basic_ack(upto, BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Acks {
+    /// Acks each settled tag that waits behind an unsettled one: at the end, when
+    /// the gap will never close (its messages go back to the queue instead).
+    async fn settled_above_gaps(&self) -> Result<(), BusError> {
+        let mut st = self.state.lock().await;
+        while let Some(tag) = st.done.pop_first() {
+            self.ch.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
+        }
+        Ok(())
+    }
+}
+
+impl AckState {
+    /// Records settled tags; the tag to ack with `multiple` if the settled run from 1 grew.
+    fn settle(&mut self, tags: impl Iterator<Item = u64>) -> Option<u64> {
+        self.done.extend(tags);
+        let before = self.upto;
+        while self.done.first() == Some(&(self.upto + 1)) {
+            self.done.pop_first();
+            self.upto += 1;
+        }
+        (self.upto > before).then_some(self.upto)
+    }
 }
 
 /// The batch order, which is also the order row locks are taken in (see [`Event::lock_key`]).
@@ -268,13 +417,21 @@ async fn apply_all(pool: &PgPool, items: &[Item], shutdown: &CancellationToken) 
     }
 }
 
+/// The fast path: the whole batch's keys are claimed in one statement, then
+/// each new event is applied; per-call writes and inbox outcomes are gathered
+/// ([`Deferred`]) and sent once per call and once per batch before the commit.
 async fn apply_in_one_transaction(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
+    let mut fresh = claim_all(&mut tx, items).await?;
+    let mut writes = Deferred::default();
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
-        outcomes.push(apply_item(&mut tx, item).await?);
+        // The first item of a key claimed it; a second copy in the same batch is a duplicate.
+        let claimed = item.envelope.as_ref().is_ok_and(|env| fresh.remove(env.key.as_str()));
+        outcomes.push(apply_claimed(&mut tx, &mut writes, item, claimed).await?);
     }
+    writes.flush(&mut tx).await?;
     tx.commit().await?;
     Ok(outcomes)
 }
@@ -285,7 +442,12 @@ async fn apply_one_by_one(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>,
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         let mut tx = conn.begin().await?;
-        let outcome = match apply_item(&mut tx, item).await {
+        let mut writes = Deferred::default();
+        let applied = match apply_item(&mut tx, &mut writes, item).await {
+            Ok(o) => writes.flush(&mut tx).await.map(|()| o).map_err(ApplyError::from),
+            Err(e) => Err(e),
+        };
+        let outcome = match applied {
             Ok(o) => {
                 tx.commit().await?;
                 o
@@ -301,37 +463,86 @@ async fn apply_one_by_one(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>,
     Ok(outcomes)
 }
 
-async fn apply_item(tx: &mut PgConnection, item: &Item) -> Result<Outcome, ApplyError> {
+async fn apply_item(tx: &mut PgConnection, writes: &mut Deferred, item: &Item) -> Result<Outcome, ApplyError> {
+    let claimed = match &item.envelope {
+        Ok(env) => claim(tx, env, raw_envelope(item)).await?,
+        Err(_) => false,
+    };
+    apply_claimed(tx, writes, item, claimed).await
+}
+
+/// Applies an event whose key this transaction has just claimed (`claimed`), or
+/// says why not: undecodable, or a duplicate.
+async fn apply_claimed(
+    tx: &mut PgConnection,
+    writes: &mut Deferred,
+    item: &Item,
+    claimed: bool,
+) -> Result<Outcome, ApplyError> {
     let env = match &item.envelope {
         Ok(env) => env,
         Err(reason) => return Ok(Outcome::Failed(reason.clone())),
     };
-    let raw = std::str::from_utf8(&item.delivery.data).unwrap_or("{}");
-    if !claim(tx, env, raw).await? {
+    if !claimed {
         return Ok(Outcome::Duplicate);
     }
-    let outcome = apply_event(tx, env).await?;
+    let outcome = apply_event(tx, &mut writes.calls, env).await?;
     match &outcome {
         Outcome::Retry(_) | Outcome::Failed(_) => release(tx, &env.key).await?,
-        Outcome::Ignored(why) => note_outcome(tx, &env.key, why).await?,
+        Outcome::Ignored(why) => writes.ignored.push((env.key.clone(), why)),
         Outcome::Applied | Outcome::Flagged(_) | Outcome::Duplicate => {}
     }
     Ok(outcome)
 }
 
-async fn apply_event(tx: &mut PgConnection, env: &Envelope) -> Result<Outcome, ApplyError> {
+async fn apply_event(
+    tx: &mut PgConnection,
+    writes: &mut calls::CallWrites,
+    env: &Envelope,
+) -> Result<Outcome, ApplyError> {
     let business =
         || env.business_id.ok_or_else(|| ApplyError::Permanent(format!("{} without a business", env.event.kind())));
     match &env.event {
-        Event::TwilioCallStatus(e) => calls::apply_status(tx, business()?, e, env.received_at).await,
-        Event::TwilioRecording(e) => calls::apply_recording(tx, business()?, e, env.received_at).await,
-        Event::TwilioTranscription(e) => calls::apply_transcription(tx, business()?, e, env.received_at).await,
+        Event::TwilioCallStatus(e) => calls::apply_status(tx, writes, business()?, e, env.received_at).await,
+        Event::TwilioRecording(e) => calls::apply_recording(tx, writes, business()?, e, env.received_at).await,
+        Event::TwilioTranscription(e) => calls::apply_transcription(tx, writes, business()?, e, env.received_at).await,
         Event::N8nBooking(e) => bookings::apply_booking(tx, business()?, e).await,
         Event::StripeSubscription(e) => billing::apply_subscription(tx, e).await,
         Event::StripeCheckoutSession(e) => billing::apply_checkout(tx, e).await,
         Event::StripeInvoice(e) => billing::apply_invoice(tx, e).await,
         Event::StripeOther(_) => Ok(Outcome::Ignored("event type not applied")),
     }
+}
+
+fn raw_envelope(item: &Item) -> &str {
+    std::str::from_utf8(&item.delivery.data).unwrap_or("{}")
+}
+
+/// Records the keys of every decodable event of the batch in one statement;
+/// returns the keys that were new (a key already there is a redelivery).
+async fn claim_all<'a>(tx: &mut PgConnection, items: &'a [Item]) -> Result<HashSet<&'a str>, sqlx::Error> {
+    let envs: Vec<(&Envelope, &str)> =
+        items.iter().filter_map(|i| i.envelope.as_ref().ok().map(|env| (env, raw_envelope(i)))).collect();
+    if envs.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO webhook_worker.inbox (event_key, provider, kind, business_id, received_at, envelope)
+         SELECT k, p, t, b, r, e::jsonb
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::timestamptz[], $6::text[]) AS u(k, p, t, b, r, e)
+         ON CONFLICT (event_key) DO NOTHING
+         RETURNING event_key",
+    )
+    .bind(envs.iter().map(|(env, _)| env.key.as_str()).collect::<Vec<_>>())
+    .bind(envs.iter().map(|(env, _)| env.event.provider().as_str()).collect::<Vec<_>>())
+    .bind(envs.iter().map(|(env, _)| env.event.kind()).collect::<Vec<_>>())
+    .bind(envs.iter().map(|(env, _)| env.business_id.map(|b| b.0)).collect::<Vec<_>>())
+    .bind(envs.iter().map(|(env, _)| env.received_at).collect::<Vec<_>>())
+    .bind(envs.iter().map(|(_, raw)| *raw).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let inserted: HashSet<String> = inserted.into_iter().collect();
+    Ok(envs.iter().map(|(env, _)| env.key.as_str()).filter(|k| inserted.contains(*k)).collect())
 }
 
 /// Records the event's key; false if it was already there (a redelivery).
@@ -356,12 +567,35 @@ async fn release(tx: &mut PgConnection, key: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-async fn note_outcome(tx: &mut PgConnection, key: &str, why: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE webhook_worker.inbox SET outcome = $2 WHERE event_key = $1")
-        .bind(key)
-        .bind(format!("ignored: {why}"))
-        .execute(&mut *tx)
-        .await?;
+/// Writes gathered while a transaction applies its events, sent before it commits.
+#[derive(Default)]
+struct Deferred {
+    calls: calls::CallWrites,
+    /// Keys of events recorded but changing nothing, and why.
+    ignored: Vec<(String, &'static str)>,
+}
+
+impl Deferred {
+    async fn flush(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        self.calls.flush(tx).await?;
+        if !self.ignored.is_empty() {
+            note_outcomes(tx, &self.ignored).await?;
+            self.ignored.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Says in the inbox why each event changed nothing: one statement for the batch.
+async fn note_outcomes(tx: &mut PgConnection, ignored: &[(String, &'static str)]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_worker.inbox i SET outcome = 'ignored: ' || u.why
+           FROM unnest($1::text[], $2::text[]) AS u(k, why) WHERE i.event_key = u.k",
+    )
+    .bind(ignored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+    .bind(ignored.iter().map(|(_, why)| *why).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
@@ -451,5 +685,21 @@ fn republish<'a>(
         attempt,
         error: Some(reason),
         traceparent: item.traceparent.as_deref(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AckState;
+
+    #[test]
+    fn acks_wait_for_every_lower_tag_and_never_pass_a_gap() {
+        let mut acks = AckState::default();
+        assert_eq!(acks.settle([3, 4].into_iter()), None, "1 and 2 are still being applied");
+        assert_eq!(acks.settle([1].into_iter()), Some(1));
+        assert_eq!(acks.settle([2, 6].into_iter()), Some(4), "2 closes the gap up to 4; 5 is missing");
+        assert_eq!(acks.settle(std::iter::empty()), None);
+        assert_eq!(acks.settle([5].into_iter()), Some(6));
+        assert!(acks.done.is_empty());
     }
 }

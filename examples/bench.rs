@@ -1,0 +1,912 @@
+//! The benchmark of the whole path (issue 6): signed webhooks in, rows in
+//! Postgres out, with the machine's own ceilings measured in the same run.
+//!
+//! ```sh
+//! cargo build --release --bin micro8gents --example bench
+//! target/release/examples/bench                        # 20,000 calls: 120,000 Twilio events + bookings + Stripe
+//! target/release/examples/bench --rate 1000 --calls 2000   # hold 1,000 req/s, report p99 there
+//! target/release/examples/bench --serve 2 --work 2     # child processes of target/release/micro8gents
+//! ```
+//!
+//! It creates a fresh database and its own AMQP_PREFIX, seeds businesses and
+//! users, signs the whole workload up front (so signatures must be used within
+//! Stripe's and Standard Webhooks' five minutes), and then:
+//! 1. ceiling: the same load generator against a trivial HTTP server (200 to everything);
+//! 2. ceiling: RabbitMQ alone, a quorum queue, persistent messages of the
+//!    service's mean envelope size, 64 publishes in flight with confirms, consumed with acks;
+//! 3. the service: every request sent, then waits until Postgres holds every
+//!    effect and checks the rows (lost and doubled), not just inbox counts.
+//!
+//! Service settings come from the environment like the service's own
+//! (WORKER_CONCURRENCY, BATCH_SIZE, PREFETCH, DATABASE_MAX_CONNECTIONS...);
+//! the bench sets DATABASE_URL, AMQP_PREFIX, LISTEN_ADDR, PUBLIC_BASE_URL and
+//! STRIPE_WEBHOOK_SECRET itself. Everything is removed at the end.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use micro8gents::app::{self, Role, Running};
+use micro8gents::bus::Topology;
+use micro8gents::config::{Config, DEFAULT_AMQP_URL};
+use micro8gents::events::twilio::{self as tw, Params};
+use micro8gents::events::{BusinessId, Envelope, Event};
+use micro8gents::store;
+use micro8gents::verify::twilio::{Algorithm, compute_signature};
+use micro8gents::verify::{standard_webhooks, stripe};
+use serde_json::json;
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
+
+const PUBLIC_BASE_URL: &str = "https://hooks.bench.test";
+const STRIPE_SECRET: &str = "whsec_bench_5f2b8c1d9e7a4f60b3c2d1e0f9a8b7c6";
+const N8N_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark of the whole webhook path, with the machine's ceilings measured in the same run")]
+struct Args {
+    /// Twilio calls; each is four status callbacks, one recording and one transcription.
+    #[arg(long, default_value_t = 20_000)]
+    calls: usize,
+    /// n8n booking pushes (one booking each).
+    #[arg(long, default_value_t = 2_000)]
+    bookings: usize,
+    /// Stripe customers; each sends checkout.session.completed, customer.subscription.created, invoice.paid.
+    #[arg(long, default_value_t = 500)]
+    stripe_users: usize,
+    /// Businesses the calls and bookings are spread over.
+    #[arg(long, default_value_t = 20)]
+    businesses: usize,
+    /// Requests in flight (closed loop). Ignored with --rate.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Hold this many requests per second (open loop; latency counted from each request's scheduled time).
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Run this many `serve` child processes of --bin (0: the service runs in this process).
+    #[arg(long, default_value_t = 0)]
+    serve: usize,
+    /// Run this many `work` child processes of --bin (with --serve).
+    #[arg(long, default_value_t = 0)]
+    work: usize,
+    /// The service binary for --serve/--work.
+    #[arg(long, default_value = "target/release/micro8gents")]
+    bin: PathBuf,
+    /// Skip the two ceiling measurements.
+    #[arg(long)]
+    no_ceilings: bool,
+    /// Messages for the broker ceiling (0: as many as the workload has events).
+    #[arg(long, default_value_t = 0)]
+    ceiling_messages: usize,
+    /// Give up waiting for Postgres after this many seconds without progress.
+    #[arg(long, default_value_t = 60)]
+    stall_secs: u64,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string())
+}
+
+fn admin_url() -> String {
+    env_or("BENCH_DATABASE_URL", &env_or("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
+}
+
+fn amqp_url() -> String {
+    env_or("AMQP_URL", DEFAULT_AMQP_URL)
+}
+
+/// One signed request, ready to send.
+#[derive(Clone)]
+struct Req {
+    path: String,
+    body: Bytes,
+    headers: Vec<(&'static str, String)>,
+}
+
+/// What the workload must leave in Postgres.
+struct Expect {
+    businesses: Vec<i32>,
+    users: Vec<i32>,
+    calls: usize,
+    bookings: usize,
+    events: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let db_name = format!("m8_bench_{}", &id[..12]);
+    let prefix = format!("bench.{}", &id[..12]);
+    let admin = admin_url();
+    let mut admin_conn = PgConnection::connect(&admin).await?;
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut admin_conn).await?;
+    admin_conn.close().await?;
+    let db_url = {
+        let mut u = url::Url::parse(&admin)?;
+        u.set_path(&db_name);
+        u.to_string()
+    };
+    println!("bench: database {db_name}, AMQP_PREFIX {prefix}");
+
+    let vars = service_vars(&db_url, &prefix);
+    let result = match Config::from_vars(&vars) {
+        Ok(cfg) => run(&args, &cfg, &vars).await,
+        Err(e) => Err(e.into()),
+    };
+    let delays = Config::from_vars(&vars).map(|c| c.retry_delays).unwrap_or_default();
+    cleanup(&db_name, &prefix, &Topology::new(&prefix, &delays)).await;
+    result
+}
+
+/// The service's settings: the environment's, with the bench's own database, names and secrets.
+fn service_vars(db_url: &str, prefix: &str) -> HashMap<String, String> {
+    let mut vars: HashMap<String, String> = std::env::vars().collect();
+    for (k, v) in [
+        ("DATABASE_URL", db_url),
+        ("AMQP_URL", &amqp_url()),
+        ("AMQP_PREFIX", prefix),
+        ("LISTEN_ADDR", "127.0.0.1:0"),
+        ("PUBLIC_BASE_URL", PUBLIC_BASE_URL),
+        ("STRIPE_WEBHOOK_SECRET", STRIPE_SECRET),
+    ] {
+        vars.insert(k.into(), v.into());
+    }
+    // A Stripe invoice that overtakes its subscription waits one retry delay: keep that short.
+    vars.entry("RETRY_DELAYS".into()).or_insert_with(|| "250ms,500ms,1s,2s,5s".into());
+    vars
+}
+
+async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyhow::Result<()> {
+    let prefix = cfg.amqp_prefix.as_str();
+    store::migrate(cfg).await?;
+    let pool = PgPool::connect(cfg.database_url.expose()).await?;
+
+    let (expect, requests) = workload(args, &pool).await?;
+    println!(
+        "workload: {} requests = {} calls x 6 Twilio + {} n8n bookings + {} Stripe users x 3; {} businesses",
+        requests.len(),
+        args.calls,
+        args.bookings,
+        args.stripe_users,
+        args.businesses
+    );
+    let requests = Arc::new(requests);
+    let client =
+        reqwest::Client::builder().pool_max_idle_per_host(args.concurrency.max(256)).tcp_nodelay(true).build()?;
+
+    let mut ceilings = Vec::new();
+    if !args.no_ceilings {
+        let trivial = trivial_server().await?;
+        let r = send_all(args, &client, &[format!("http://{trivial}")], &requests).await;
+        ceilings.push(format!(
+            "ceiling, trivial HTTP server (same load generator): {:.0} req/s, p50 {:.2?} p99 {:.2?} max {:.2?}",
+            r.rate(),
+            r.pct(0.50),
+            r.pct(0.99),
+            r.max()
+        ));
+        println!("{}", ceilings.last().unwrap());
+        let size = mean_envelope_size();
+        let n = if args.ceiling_messages > 0 { args.ceiling_messages } else { expect.events };
+        let rate = broker_ceiling(prefix, n, size).await?;
+        ceilings.push(format!(
+            "ceiling, RabbitMQ alone (quorum, persistent, {size} B, 64 in flight with confirms, consumed with acks): {rate:.0} msgs/s over {n} msgs"
+        ));
+        println!("{}", ceilings.last().unwrap());
+    }
+
+    let (service, bases) = Service::start(args, cfg, vars).await?;
+    let wall_start: DateTime<Utc> = Utc::now();
+    let sent = send_all(args, &client, &bases, &requests).await;
+    let settled = wait_settled(&pool, expect.events, Duration::from_secs(args.stall_secs)).await?;
+    service.stop().await;
+
+    let check = check_rows(&pool, &expect).await?;
+    let last: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT max(applied_at) FROM webhook_worker.inbox").fetch_one(&pool).await?;
+    let e2e = last.map(|t| (t - wall_start).to_std().unwrap_or_default()).unwrap_or(settled);
+
+    println!("---- results ({}) ----", mode(args));
+    println!(
+        "ingress: {} requests, {} answered 2xx, {} retried after a non-2xx/refusal, {:.0} req/s over {:.2?}",
+        requests.len(),
+        sent.ok,
+        sent.retries,
+        sent.rate(),
+        sent.elapsed
+    );
+    println!("answer latency: p50 {:.2?} p99 {:.2?} max {:.2?}", sent.pct(0.50), sent.pct(0.99), sent.max());
+    println!(
+        "end to end: {:.0} events/s ({} events, first request to last row {:.2?})",
+        check.events_applied as f64 / e2e.as_secs_f64(),
+        check.events_applied,
+        e2e
+    );
+    println!("inbox outcomes: {}", check.outcomes);
+    println!(
+        "events lost: {}  doubled: {}  (calls {}/{} complete, {} extra rows; bookings {}/{}, {} extra; subscriptions {}/{}, {} extra; inbox {}/{})",
+        check.lost(),
+        check.doubled(),
+        check.calls_complete,
+        expect.calls,
+        check.calls_extra,
+        check.bookings_ok,
+        expect.bookings,
+        check.bookings_extra,
+        check.subs_ok,
+        expect.users.len(),
+        check.subs_extra,
+        check.events_applied,
+        expect.events
+    );
+    for c in &ceilings {
+        println!("{c}");
+    }
+    pool.close().await;
+    if check.lost() > 0 || check.doubled() > 0 {
+        anyhow::bail!("the end state is wrong");
+    }
+    Ok(())
+}
+
+fn mode(args: &Args) -> String {
+    let load = match args.rate {
+        Some(r) => format!("fixed rate {r} req/s"),
+        None => format!("concurrency {}", args.concurrency),
+    };
+    let procs = if args.serve > 0 {
+        format!("{} serve + {} work processes", args.serve, args.work)
+    } else {
+        "in-process `run`".to_string()
+    };
+    format!("{load}, {procs}")
+}
+
+// ---- the workload ---------------------------------------------------------------------------
+
+async fn workload(args: &Args, pool: &PgPool) -> anyhow::Result<(Expect, Vec<Req>)> {
+    let mut businesses = Vec::new();
+    for i in 0..args.businesses.max(1) {
+        let user = insert_user(pool, &format!("bench-owner-{i}")).await?;
+        let b: i32 = sqlx::query_scalar(
+            "INSERT INTO businesses (user_id, business_name, email) VALUES ($1, $2, 'desk@bench.test') RETURNING id",
+        )
+        .bind(user)
+        .bind(format!("Bench clinic {i}"))
+        .fetch_one(pool)
+        .await?;
+        for (kind, config) in
+            [("twilio", json!({"auth_token": token(b)})), ("n8n", json!({"webhook_secret": N8N_SECRET}))]
+        {
+            sqlx::query("INSERT INTO integrations (business_id, type, config, status) VALUES ($1, $2, $3, 'active')")
+                .bind(b)
+                .bind(kind)
+                .bind(config)
+                .execute(pool)
+                .await?;
+        }
+        businesses.push(b);
+    }
+    let mut users = Vec::new();
+    for i in 0..args.stripe_users {
+        users.push(insert_user(pool, &format!("bench-payer-{i}")).await?);
+    }
+
+    // Each request gets a position in [0, 1); the workload is sent in that order.
+    let mut slotted: Vec<(f64, Req)> = Vec::new();
+    let n_calls = (args.calls * 6).max(1) as f64;
+    for i in 0..args.calls {
+        let b = businesses[i % businesses.len()];
+        for (j, req) in call_requests(i, b).into_iter().enumerate() {
+            slotted.push(((i * 6 + j) as f64 / n_calls, req));
+        }
+    }
+    for i in 0..args.bookings {
+        let b = businesses[i % businesses.len()];
+        slotted.push((i as f64 / args.bookings as f64, booking_request(i, b)));
+    }
+    // A customer's three Stripe events a third of the run apart, as in life (minutes apart).
+    let n = args.stripe_users.max(1) as f64;
+    for (i, user) in users.iter().enumerate() {
+        for (phase, req) in stripe_requests(i, *user).into_iter().enumerate() {
+            slotted.push(((phase as f64 + i as f64 / n) / 3.0, req));
+        }
+    }
+    slotted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let requests: Vec<Req> = slotted.into_iter().map(|(_, r)| r).collect();
+    let expect = Expect { businesses, users, calls: args.calls, bookings: args.bookings, events: requests.len() };
+    Ok((expect, requests))
+}
+
+async fn insert_user(pool: &PgPool, name: &str) -> anyhow::Result<i32> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO users (username, email, password) VALUES ($1, $1 || '@bench.test', 'x') RETURNING id",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await?)
+}
+
+fn token(business: i32) -> String {
+    format!("bench-auth-token-{business:08}")
+}
+
+fn call_params(i: usize) -> Vec<Vec<(String, String)>> {
+    let sid = format!("CA{i:032x}");
+    let status = |s: &str, seq: usize| {
+        let mut p = vec![
+            ("AccountSid", "AC00000000000000000000000000000000".to_string()),
+            ("CallSid", sid.clone()),
+            ("CallStatus", s.to_string()),
+            ("Direction", "inbound".into()),
+            ("From", "+14155552671".into()),
+            ("To", "+15005550006".into()),
+            ("CallerName", "Jane Doe".into()),
+            ("SequenceNumber", seq.to_string()),
+            ("Timestamp", format!("Tue, 25 Nov 2025 12:00:{:02} +0000", seq * 10)),
+            ("ApiVersion", "2010-04-01".into()),
+        ];
+        if s == "completed" {
+            p.push(("CallDuration", "125".into()));
+        }
+        owned(p)
+    };
+    vec![
+        status("initiated", 0),
+        status("ringing", 1),
+        status("in-progress", 2),
+        status("completed", 3),
+        owned(vec![
+            ("AccountSid", "AC00000000000000000000000000000000".into()),
+            ("CallSid", sid.clone()),
+            ("RecordingSid", format!("RE{i:032x}")),
+            ("RecordingStatus", "completed".into()),
+            ("RecordingUrl", format!("https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/RE{i:032x}")),
+            ("RecordingDuration", "120".into()),
+        ]),
+        owned(vec![
+            ("AccountSid", "AC00000000000000000000000000000000".into()),
+            ("CallSid", sid.clone()),
+            ("TranscriptionSid", format!("TR{i:032x}")),
+            ("TranscriptionStatus", "completed".into()),
+            (
+                "TranscriptionText",
+                "Hi, I would like to book a cleaning next Tuesday afternoon if you have a slot.".into(),
+            ),
+        ]),
+    ]
+}
+
+const CALL_ENDPOINTS: [&str; 6] =
+    ["call-status", "call-status", "call-status", "call-status", "recording", "transcription"];
+
+fn call_requests(i: usize, business: i32) -> Vec<Req> {
+    call_params(i)
+        .into_iter()
+        .zip(CALL_ENDPOINTS)
+        .map(|(params, endpoint)| {
+            let path = format!("/webhooks/twilio/{business}/{endpoint}");
+            let sig =
+                compute_signature(&token(business), &format!("{PUBLIC_BASE_URL}{path}"), &params, Algorithm::HmacSha1);
+            let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(&params).finish();
+            Req {
+                path,
+                body: Bytes::from(body),
+                headers: vec![
+                    ("x-twilio-signature", sig),
+                    ("content-type", "application/x-www-form-urlencoded".into()),
+                ],
+            }
+        })
+        .collect()
+}
+
+fn booking_request(i: usize, business: i32) -> Req {
+    let body = json!({
+        "external_id": format!("bk_bench_{i}"),
+        "customer": format!("Customer {i}"),
+        "phone": "+14155552671",
+        "email": "jane@example.com",
+        "service": "Cleaning",
+        "date": format!("2026-03-{:02}T14:30:00+02:00", 1 + i % 28),
+        "status": "upcoming",
+        "notes": "booked by the AI receptionist",
+        "workflow": {"id": "wf_1", "execution": i},
+    })
+    .to_string();
+    let id = format!("msg_bench_{i}");
+    let ts = Utc::now().timestamp();
+    let secret = standard_webhooks::Secret::parse(N8N_SECRET).expect("a whsec_ secret");
+    let sig = standard_webhooks::sign(&secret, &id, ts, body.as_bytes());
+    Req {
+        path: format!("/webhooks/n8n/{business}/bookings"),
+        body: Bytes::from(body),
+        headers: vec![
+            ("webhook-id", id),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", sig),
+            ("content-type", "application/json".into()),
+        ],
+    }
+}
+
+const T0: i64 = 1_764_000_000;
+
+fn stripe_requests(i: usize, user: i32) -> Vec<Req> {
+    let (customer, sub, session) = (format!("cus_bench{i}"), format!("sub_bench{i}"), format!("cs_bench{i}"));
+    let event = |id: String, kind: &str, created: i64, object: serde_json::Value| {
+        json!({"id": id, "object": "event", "api_version": "2025-03-31.basil", "created": created,
+               "data": {"object": object}, "livemode": false, "pending_webhooks": 1,
+               "request": {"id": null, "idempotency_key": null}, "type": kind})
+    };
+    let checkout = event(
+        format!("evt_bench_cs{i}"),
+        "checkout.session.completed",
+        T0,
+        json!({"id": session, "object": "checkout.session", "client_reference_id": user.to_string(),
+               "customer": customer, "subscription": sub, "mode": "subscription", "payment_status": "paid",
+               "status": "complete", "livemode": false, "metadata": {}}),
+    );
+    let item = json!({"id": format!("si_bench{i}"), "object": "subscription_item", "created": T0 - 100,
+        "current_period_start": T0, "current_period_end": T0 + 30 * 86_400, "metadata": {},
+        "price": {"id": "price_basic", "object": "price", "active": true, "currency": "usd", "lookup_key": "basic",
+                  "metadata": {}, "product": "prod_bench", "recurring": {"interval": "month", "interval_count": 1},
+                  "type": "recurring", "unit_amount": 4900},
+        "quantity": 1, "subscription": sub});
+    let subscription = event(
+        format!("evt_bench_sub{i}"),
+        "customer.subscription.created",
+        T0 + 1,
+        json!({"id": sub, "object": "subscription", "billing_cycle_anchor": T0 - 100, "cancel_at_period_end": false,
+               "collection_method": "charge_automatically", "created": T0 - 100, "currency": "usd",
+               "customer": customer, "items": {"object": "list", "data": [item], "has_more": false, "total_count": 1},
+               "livemode": false, "metadata": {"user_id": user.to_string()}, "status": "active"}),
+    );
+    let invoice = event(
+        format!("evt_bench_in{i}"),
+        "invoice.paid",
+        T0 + 2,
+        json!({"id": format!("in_bench{i}"), "object": "invoice", "attempt_count": 1,
+               "billing_reason": "subscription_create", "customer": customer, "status": "paid",
+               "parent": {"type": "subscription_details", "quote_details": null,
+                          "subscription_details": {"metadata": {}, "subscription": sub}}}),
+    );
+    [checkout, subscription, invoice]
+        .into_iter()
+        .map(|e| {
+            let body = serde_json::to_vec_pretty(&e).expect("json");
+            let sig = stripe::sign_header(STRIPE_SECRET, Utc::now().timestamp(), &body);
+            Req {
+                path: "/webhooks/stripe".into(),
+                body: Bytes::from(body),
+                headers: vec![("stripe-signature", sig), ("content-type", "application/json".into())],
+            }
+        })
+        .collect()
+}
+
+fn owned(p: Vec<(&str, String)>) -> Vec<(String, String)> {
+    p.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// The mean size of the envelopes a call's six callbacks become: the broker ceiling's message size.
+fn mean_envelope_size() -> usize {
+    let b = BusinessId(1);
+    let sizes: Vec<usize> = call_params(0)
+        .iter()
+        .zip(CALL_ENDPOINTS)
+        .map(|(params, endpoint)| {
+            let p = Params(params);
+            let (key, event) = match endpoint {
+                "call-status" => {
+                    let e = tw::parse_call_status(&p).expect("valid");
+                    (tw::call_status_key(b, &e), Event::TwilioCallStatus(e))
+                }
+                "recording" => {
+                    let e = tw::parse_recording(&p).expect("valid");
+                    (tw::recording_key(b, &e), Event::TwilioRecording(e))
+                }
+                _ => {
+                    let e = tw::parse_transcription(&p).expect("valid");
+                    (tw::transcription_key(b, &e), Event::TwilioTranscription(e))
+                }
+            };
+            Envelope::new(key, Some(b), uuid::Uuid::new_v4().simple().to_string(), event).to_json().len()
+        })
+        .collect();
+    sizes.iter().sum::<usize>() / sizes.len()
+}
+
+// ---- the load generator ---------------------------------------------------------------------
+
+struct Sent {
+    latencies: Vec<Duration>,
+    ok: usize,
+    retries: usize,
+    elapsed: Duration,
+}
+
+impl Sent {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct(&self, p: f64) -> Duration {
+        let n = self.latencies.len();
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        self.latencies[((n as f64 * p) as usize).min(n - 1)]
+    }
+    fn max(&self) -> Duration {
+        self.latencies.last().copied().unwrap_or_default()
+    }
+}
+
+/// Sends every request once successfully (a refused or failed one is sent again,
+/// as the providers do), spreading them over `bases` in turn.
+async fn send_all(args: &Args, client: &reqwest::Client, bases: &[String], requests: &Arc<Vec<Req>>) -> Sent {
+    let started = Instant::now();
+    let retries = Arc::new(AtomicUsize::new(0));
+    let mut latencies: Vec<Duration> = match args.rate {
+        None => {
+            let next = Arc::new(AtomicUsize::new(0));
+            let tasks: Vec<_> = (0..args.concurrency.max(1))
+                .map(|_| {
+                    let (client, bases, requests, next, retries) =
+                        (client.clone(), bases.to_vec(), requests.clone(), next.clone(), retries.clone());
+                    tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(req) = requests.get(i) else { break };
+                            let t = Instant::now();
+                            send_one(&client, &bases[i % bases.len()], req, &retries).await;
+                            lat.push(t.elapsed());
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(requests.len());
+            for t in tasks {
+                all.extend(t.await.unwrap_or_default());
+            }
+            all
+        }
+        Some(rate) => {
+            // Open loop: request i is due at i/rate; its latency counts from then, so a
+            // stall is not hidden by the generator waiting for it (coordinated omission).
+            let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+            let mut inflight = FuturesUnordered::new();
+            let mut all = Vec::with_capacity(requests.len());
+            let t0 = tokio::time::Instant::now();
+            for i in 0..requests.len() {
+                let due = t0 + interval * i as u32;
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(l) = inflight.next(), if !inflight.is_empty() => all.push(l),
+                        _ = tokio::time::sleep_until(due) => break,
+                    }
+                }
+                let (client, base, requests, retries) =
+                    (client.clone(), bases[i % bases.len()].clone(), requests.clone(), retries.clone());
+                inflight.push(tokio::spawn(async move {
+                    send_one(&client, &base, &requests[i], &retries).await;
+                    due.elapsed()
+                }));
+            }
+            while let Some(l) = inflight.next().await {
+                all.push(l);
+            }
+            all.into_iter().map(|r| r.unwrap_or_default()).collect()
+        }
+    };
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Sent { ok: latencies.len(), latencies, retries: retries.load(Ordering::Relaxed), elapsed }
+}
+
+async fn send_one(client: &reqwest::Client, base: &str, req: &Req, retries: &AtomicUsize) {
+    for attempt in 0.. {
+        let mut r = client.post(format!("{base}{}", req.path)).body(req.body.clone());
+        for (k, v) in &req.headers {
+            r = r.header(*k, v);
+        }
+        match r.send().await {
+            Ok(resp) if resp.status().is_success() => return,
+            Ok(resp) => {
+                if attempt < 3 {
+                    eprintln!("answer {} on {}: {}", resp.status(), req.path, resp.text().await.unwrap_or_default());
+                }
+            }
+            Err(e) if attempt < 3 => eprintln!("request failed: {e}"),
+            Err(_) => {}
+        }
+        retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(50 * (attempt + 1).min(20))).await;
+    }
+}
+
+async fn trivial_server() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let router = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(addr)
+}
+
+// ---- the broker ceiling ---------------------------------------------------------------------
+
+/// RabbitMQ alone: a quorum queue, persistent messages, 64 publishes awaiting
+/// confirms at a time, a consumer acking each message. Messages per second
+/// from the first publish to the last ack.
+async fn broker_ceiling(prefix: &str, n: usize, size: usize) -> anyhow::Result<f64> {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let queue = format!("{prefix}.ceiling");
+    let mut qargs = FieldTable::default();
+    qargs.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let setup = conn.create_channel().await?;
+    setup
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, qargs)
+        .await?;
+
+    let consume_ch = conn.create_channel().await?;
+    consume_ch.basic_qos(200, BasicQosOptions::default()).await?;
+    let mut consumer = consume_ch
+        .basic_consume(queue.as_str().into(), "ceiling".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let started = Instant::now();
+    let consuming = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            let Some(Ok(d)) = consumer.next().await else { break };
+            d.ack(BasicAckOptions::default()).await?;
+            got += 1;
+        }
+        Ok::<_, lapin::Error>(got)
+    });
+
+    let publish_ch = conn.create_channel().await?;
+    publish_ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let body = vec![b'x'; size];
+    let mut inflight = FuturesUnordered::new();
+    for _ in 0..n {
+        if inflight.len() >= 64 {
+            inflight.next().await.expect("one in flight")?;
+        }
+        let confirm = publish_ch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        inflight.push(confirm);
+    }
+    while let Some(c) = inflight.next().await {
+        c?;
+    }
+    let got = consuming.await??;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(got == n, "the ceiling consumer got {got} of {n}");
+    let _ = setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = conn.close(200, "ceiling done".into()).await;
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+// ---- the service ----------------------------------------------------------------------------
+
+enum Service {
+    InProcess(Running),
+    Children(Vec<Child>),
+}
+
+impl Service {
+    async fn start(
+        args: &Args,
+        cfg: &Config,
+        vars: &HashMap<String, String>,
+    ) -> anyhow::Result<(Service, Vec<String>)> {
+        if args.serve == 0 {
+            let running = app::start(cfg.clone(), Role::Run).await?;
+            let base = format!("http://{}", running.addr.expect("the ingress listens"));
+            return Ok((Service::InProcess(running), vec![base]));
+        }
+        let mut children = Vec::new();
+        let mut bases = Vec::new();
+        let spawn = |role: &str, listen: &str| -> anyhow::Result<Child> {
+            let mut cmd = Command::new(&args.bin);
+            cmd.arg(role).env_clear().envs(vars).env("LISTEN_ADDR", listen);
+            if !vars.contains_key("RUST_LOG") {
+                // One log line per accepted and per applied event is a per-event cost of its own.
+                cmd.env("RUST_LOG", "warn");
+            }
+            cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {}: {e}", args.bin.display()))
+        };
+        for _ in 0..args.serve {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let listen = format!("127.0.0.1:{port}");
+            children.push(spawn("serve", &listen)?);
+            bases.push(format!("http://{listen}"));
+        }
+        for _ in 0..args.work {
+            children.push(spawn("work", "127.0.0.1:0")?);
+        }
+        let service = Service::Children(children);
+        let http = reqwest::Client::new();
+        for base in &bases {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let ready = http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success());
+                if ready {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    service.stop().await;
+                    anyhow::bail!("{base} did not become ready");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok((service, bases))
+    }
+
+    async fn stop(self) {
+        match self {
+            Service::InProcess(running) => running.stop().await,
+            Service::Children(children) => {
+                for c in &children {
+                    let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+                }
+                for mut c in children {
+                    let _ = tokio::task::spawn_blocking(move || c.wait()).await;
+                }
+            }
+        }
+    }
+}
+
+/// Waits until the inbox holds `events` keys; gives up after `stall` without progress.
+async fn wait_settled(pool: &PgPool, events: usize, stall: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let (mut last_n, mut last_change) = (-1i64, Instant::now());
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox").fetch_one(pool).await?;
+        if n as usize >= events {
+            return Ok(started.elapsed());
+        }
+        if n != last_n {
+            (last_n, last_change) = (n, Instant::now());
+        } else if last_change.elapsed() > stall {
+            eprintln!("no progress for {stall:?} at {n} of {events} events; checking what is there");
+            return Ok(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+// ---- the end state --------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Check {
+    events_applied: usize,
+    events_expected: usize,
+    calls_complete: usize,
+    calls_expected: usize,
+    calls_extra: usize,
+    bookings_ok: usize,
+    bookings_expected: usize,
+    bookings_extra: usize,
+    subs_ok: usize,
+    subs_expected: usize,
+    subs_extra: usize,
+    outcomes: String,
+}
+
+impl Check {
+    /// Effects missing: rows that should be there and are not, or events never settled.
+    fn lost(&self) -> usize {
+        (self.calls_expected - self.calls_complete)
+            + (self.bookings_expected - self.bookings_ok)
+            + (self.subs_expected - self.subs_ok)
+            + self.events_expected.saturating_sub(self.events_applied)
+    }
+    /// Effects made twice: a second row for one call, booking or subscriber.
+    fn doubled(&self) -> usize {
+        self.calls_extra + self.bookings_extra + self.subs_extra
+    }
+}
+
+async fn check_rows(pool: &PgPool, e: &Expect) -> anyhow::Result<Check> {
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox").fetch_one(pool).await?;
+    let outcomes: Vec<(String, i64)> =
+        sqlx::query_as("SELECT outcome, count(*) FROM webhook_worker.inbox GROUP BY 1 ORDER BY 2 DESC")
+            .fetch_all(pool)
+            .await?;
+    // A call is complete when its one row has every callback's effect.
+    let (rows, complete): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE status = 'completed' AND duration = '2:05' AND end_time IS NOT NULL
+                 AND recording LIKE 'https://api.twilio.com/%' AND transcript IS NOT NULL
+                 AND phone = '+14155552671' AND caller = 'Jane Doe')
+           FROM calls WHERE business_id = ANY($1)",
+    )
+    .bind(&e.businesses)
+    .fetch_one(pool)
+    .await?;
+    let mapped: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT m.call_id) FROM webhook_worker.twilio_calls m JOIN calls c ON c.id = m.call_id
+          WHERE c.status = 'completed' AND c.recording IS NOT NULL AND c.transcript IS NOT NULL",
+    )
+    .fetch_one(pool)
+    .await?;
+    let (brows, bok): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM bookings WHERE business_id = ANY($1)),
+                (SELECT count(*) FROM webhook_worker.n8n_bookings m JOIN bookings b ON b.id = m.booking_id
+                  WHERE b.customer = 'Customer ' || substr(m.external_id, 10) AND b.status = 'upcoming')",
+    )
+    .bind(&e.businesses)
+    .fetch_one(pool)
+    .await?;
+    let (srows, sok): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT user_id) FILTER (WHERE status = 'active' AND plan = 'basic'
+                 AND stripe_subscription_id = 'sub_bench' || substr(stripe_customer_id, 10))
+           FROM subscriptions WHERE user_id = ANY($1)",
+    )
+    .bind(&e.users)
+    .fetch_one(pool)
+    .await?;
+    Ok(Check {
+        events_applied: events as usize,
+        events_expected: e.events,
+        calls_complete: (complete.min(mapped) as usize).min(e.calls),
+        calls_expected: e.calls,
+        calls_extra: (rows as usize).saturating_sub(e.calls),
+        bookings_ok: (bok as usize).min(e.bookings),
+        bookings_expected: e.bookings,
+        bookings_extra: (brows as usize).saturating_sub(e.bookings),
+        subs_ok: (sok as usize).min(e.users.len()),
+        subs_expected: e.users.len(),
+        subs_extra: (srows as usize).saturating_sub(e.users.len()),
+        outcomes: outcomes.iter().map(|(o, n)| format!("{o}: {n}")).collect::<Vec<_>>().join(", "),
+    })
+}
+
+async fn cleanup(db_name: &str, prefix: &str, topo: &Topology) {
+    if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+        if let Ok(ch) = conn.create_channel().await {
+            let mut queues = topo.all_queues();
+            queues.push(format!("{prefix}.ceiling"));
+            for q in queues {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for x in topo.all_exchanges() {
+                let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
+            }
+        }
+        let _ = conn.close(200, "bench done".into()).await;
+    }
+    if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
+        let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
+            .execute(&mut conn)
+            .await;
+    }
+    println!("bench: removed database {db_name} and the {prefix}.* queues and exchanges");
+}
