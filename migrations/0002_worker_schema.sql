@@ -12,7 +12,8 @@ CREATE TABLE webhook_worker.inbox (
     applied_at  timestamptz NOT NULL DEFAULT now(),
     -- 'applied', or why the event changed nothing ('ignored: ...').
     outcome     text NOT NULL DEFAULT 'applied',
-    envelope    jsonb NOT NULL
+    -- json, not jsonb: kept as sent (for replay), without the cost of converting it per event.
+    envelope    json NOT NULL
 );
 CREATE INDEX inbox_provider_received_idx ON webhook_worker.inbox (provider, received_at);
 

@@ -528,7 +528,7 @@ async fn claim_all<'a>(tx: &mut PgConnection, items: &'a [Item]) -> Result<HashS
     }
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO webhook_worker.inbox (event_key, provider, kind, business_id, received_at, envelope)
-         SELECT k, p, t, b, r, e::jsonb
+         SELECT k, p, t, b, r, e::json
            FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::timestamptz[], $6::text[]) AS u(k, p, t, b, r, e)
          ON CONFLICT (event_key) DO NOTHING
          RETURNING event_key",
@@ -549,7 +549,7 @@ async fn claim_all<'a>(tx: &mut PgConnection, items: &'a [Item]) -> Result<HashS
 async fn claim(tx: &mut PgConnection, env: &Envelope, raw: &str) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
         "INSERT INTO webhook_worker.inbox (event_key, provider, kind, business_id, received_at, envelope)
-         VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (event_key) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6::json) ON CONFLICT (event_key) DO NOTHING",
     )
     .bind(&env.key)
     .bind(env.event.provider().as_str())
