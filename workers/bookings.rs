@@ -18,9 +18,7 @@ use super::{ApplyError, Outcome};
 use crate::events::BusinessId;
 use crate::events::n8n::BookingEvent;
 
-/// Counts applied pushes whose booking falls outside opening hours. Recorded
-/// through the `metrics` facade: a no-op until a recorder (the Prometheus
-/// exporter) is installed.
+/// Counts applied pushes whose booking falls outside opening hours (served on `/metrics`).
 pub const OUTSIDE_HOURS_METRIC: &str = "micro8gents_bookings_outside_hours_total";
 
 /// What the worker knows of one `external_id`, read under a row lock.
