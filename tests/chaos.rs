@@ -107,6 +107,22 @@ impl Drop for Fleet {
     }
 }
 
+/// Stops the broker's app; starts it again when dropped, even if the test fails meanwhile.
+struct BrokerRestart;
+
+impl BrokerRestart {
+    fn stop() -> Self {
+        rabbitmqctl(&["stop_app"]);
+        BrokerRestart
+    }
+}
+
+impl Drop for BrokerRestart {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").stdout(Stdio::null()).status();
+    }
+}
+
 fn rabbitmqctl(args: &[&str]) {
     let status = Command::new("rabbitmqctl").args(args).stdout(Stdio::null()).status().expect("rabbitmqctl runs");
     assert!(status.success(), "rabbitmqctl {args:?}");
@@ -164,9 +180,10 @@ async fn every_answered_event_is_applied_exactly_once_through_a_broker_restart_a
     // Chaos while the load runs: restart the broker at 25%, SIGKILL a worker at 55%.
     wait_for(&progress, total / 4).await;
     eprintln!("chaos: restarting RabbitMQ");
-    rabbitmqctl(&["stop_app"]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    rabbitmqctl(&["start_app"]);
+    {
+        let _restart = BrokerRestart::stop();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     rabbitmqctl(&["await_startup"]);
     wait_for(&progress, total * 55 / 100).await;
     eprintln!("chaos: killing a worker with SIGKILL");
