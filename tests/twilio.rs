@@ -389,3 +389,24 @@ async fn health_and_readiness() {
     assert_eq!(json, serde_json::json!({"postgres": "ok", "rabbitmq": "ok"}));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_burst_waiting_for_a_fresh_secret_shares_the_database_reads() {
+    use micro8gents::store::secrets::{IntegrationKind, Lookup, SecretStore};
+    let app = TestApp::spawn().await;
+    let b = micro8gents::events::BusinessId(app.twilio_business(TOKEN).await);
+    let store = SecretStore::new(app.pool.clone(), std::time::Duration::from_secs(60));
+    // As many re-checks at once as a flood of bad signatures would cause.
+    let answers = futures_util::future::join_all((0..40).map(|_| store.fresh(b, IntegrationKind::Twilio))).await;
+    assert!(answers.iter().all(|a| matches!(a, Ok(Lookup::Secrets(s)) if s[0].expose() == TOKEN)));
+    assert!(store.reads() <= 2, "40 waiting requests cost {} reads", store.reads());
+
+    // A change committed before a request is always seen by its fresh read.
+    sqlx::query("UPDATE integrations SET status = 'inactive' WHERE business_id = $1")
+        .bind(b.0)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert!(matches!(store.fresh(b, IntegrationKind::Twilio).await, Ok(Lookup::NoActiveIntegration)));
+    app.stop().await;
+}

@@ -60,15 +60,27 @@ pub enum Lookup {
     Secrets(Arc<[Secret]>),
 }
 
+type Key = (BusinessId, IntegrationKind);
+
 pub struct SecretStore {
     pool: PgPool,
     ttl: Duration,
-    cache: Mutex<HashMap<(BusinessId, IntegrationKind), (Instant, Lookup)>>,
+    /// Each answer with the instant its read began.
+    cache: Mutex<HashMap<Key, (Instant, Lookup)>>,
+    /// One database read at a time per key: a burst of requests (bad
+    /// signatures included) waiting for a fresh answer shares one read.
+    gates: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl SecretStore {
     pub fn new(pool: PgPool, ttl: Duration) -> Self {
-        SecretStore { pool, ttl, cache: Mutex::new(HashMap::new()) }
+        SecretStore { pool, ttl, cache: Mutex::default(), gates: Mutex::default(), reads: Default::default() }
+    }
+
+    /// Database reads so far (the cache's misses and re-checks).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The cached answer if it is younger than the TTL, else a fresh one.
@@ -80,10 +92,23 @@ impl SecretStore {
         }
     }
 
-    /// Reads the database, bypassing (and refreshing) the cache.
+    /// An answer read from the database after this call began, so it sees every
+    /// change committed before the request: either a read of its own, or one
+    /// that another request started while this one waited its turn.
     pub async fn fresh(&self, business: BusinessId, kind: IntegrationKind) -> Result<Lookup, sqlx::Error> {
+        let key = (business, kind);
+        let asked = Instant::now();
+        let gate = self.gates.lock().unwrap().entry(key).or_default().clone();
+        let _turn = gate.lock().await;
+        if let Some((began, lookup)) = self.cache.lock().unwrap().get(&key)
+            && *began >= asked
+        {
+            return Ok(lookup.clone());
+        }
+        let began = Instant::now();
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let lookup = self.read(business, kind).await?;
-        self.cache.lock().unwrap().insert((business, kind), (Instant::now(), lookup.clone()));
+        self.cache.lock().unwrap().insert(key, (began, lookup.clone()));
         Ok(lookup)
     }
 
