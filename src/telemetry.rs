@@ -156,7 +156,7 @@ fn pool_gauges(out: &mut String, pool: &PgPool) {
 }
 
 async fn outbox_gauges(out: &mut String, pool: &PgPool) {
-    let Ok(Ok(Some((depth, age)))) = tokio::time::timeout(PROBE_TIMEOUT, outbox(pool)).await else { return };
+    let Ok(Ok((depth, age))) = tokio::time::timeout(PROBE_TIMEOUT, outbox(pool)).await else { return };
     let _ = writeln!(out, "# HELP {OUTBOX_DEPTH} Events in the Postgres outbox waiting to be published.");
     let _ = writeln!(out, "# TYPE {OUTBOX_DEPTH} gauge");
     let _ = writeln!(out, "{OUTBOX_DEPTH} {depth}");
@@ -165,18 +165,12 @@ async fn outbox_gauges(out: &mut String, pool: &PgPool) {
     let _ = writeln!(out, "{OUTBOX_OLDEST_AGE} {age}");
 }
 
-/// The outbox's depth and oldest age, if the outbox table exists (it arrives with a later migration).
-async fn outbox(pool: &PgPool) -> Result<Option<(i64, f64)>, sqlx::Error> {
-    let (exists,): (bool,) =
-        sqlx::query_as("SELECT to_regclass('webhook_worker.outbox') IS NOT NULL").fetch_one(pool).await?;
-    if !exists {
-        return Ok(None);
-    }
-    let row: (i64, f64) = sqlx::query_as(
+/// The outbox's depth and the age of its oldest row.
+async fn outbox(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+    sqlx::query_as(
         "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0)
            FROM webhook_worker.outbox",
     )
     .fetch_one(pool)
-    .await?;
-    Ok(Some(row))
+    .await
 }

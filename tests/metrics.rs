@@ -126,34 +126,25 @@ async fn traffic_moves_the_counters() {
 }
 
 #[tokio::test]
-async fn the_outbox_gauges_appear_once_the_table_exists() {
+async fn the_outbox_gauges_show_its_depth_and_oldest_age() {
     let app = TestApp::spawn().await;
-    let (exists,): (bool,) =
-        sqlx::query_as("SELECT to_regclass('webhook_worker.outbox') IS NOT NULL").fetch_one(&app.pool).await.unwrap();
-    // Before the outbox's migration there is no table, and no gauge either.
-    assert_eq!(Scrape::take(&app).await.has("micro8gents_outbox_messages"), exists);
-    if exists {
-        // The real outbox (migration 0005) is there and empty in a fresh database.
-        let scrape = Scrape::take(&app).await;
-        assert_eq!(scrape.sum("micro8gents_outbox_messages", &[]), 0.0);
-        assert_eq!(scrape.sum("micro8gents_outbox_oldest_age_seconds", &[]), 0.0);
-    } else {
-        // At its least, what migration 0005 (the outbox) adds.
-        sqlx::query(
-            "CREATE TABLE webhook_worker.outbox (id bigserial PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .execute(&app.pool)
-        .await
-        .unwrap();
-        sqlx::query("INSERT INTO webhook_worker.outbox (created_at) VALUES (now() - interval '90 seconds'), (now())")
-            .execute(&app.pool)
-            .await
-            .unwrap();
-        let scrape = Scrape::take(&app).await;
-        assert_eq!(scrape.sum("micro8gents_outbox_messages", &[]), 2.0);
-        let age = scrape.sum("micro8gents_outbox_oldest_age_seconds", &[]);
-        assert!((89.0..200.0).contains(&age), "{age}");
-    }
+    // A fresh database has an empty outbox.
+    let scrape = Scrape::take(&app).await;
+    assert_eq!(scrape.sum("micro8gents_outbox_messages", &[]), 0.0);
+    assert_eq!(scrape.sum("micro8gents_outbox_oldest_age_seconds", &[]), 0.0);
+    // Rows the relay has not published yet (no routing key is bound to "nowhere",
+    // so the relay cannot take them away before the scrape).
+    sqlx::query(
+        "INSERT INTO webhook_worker.outbox (event_key, routing_key, kind, body, created_at)
+         VALUES ('k1', 'nowhere', 'test', '', now() - interval '90 seconds'), ('k2', 'nowhere', 'test', '', now())",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let scrape = Scrape::take(&app).await;
+    assert_eq!(scrape.sum("micro8gents_outbox_messages", &[]), 2.0);
+    let age = scrape.sum("micro8gents_outbox_oldest_age_seconds", &[]);
+    assert!((89.0..200.0).contains(&age), "{age}");
     app.stop().await;
 }
 
