@@ -5,11 +5,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{PUBLIC_BASE_URL, TestApp};
+use common::{Binary, PUBLIC_BASE_URL, TestApp};
 use micro8gents::bus::Topology;
 use micro8gents::verify::standard_webhooks::{Secret, sign};
 use micro8gents::verify::twilio::{Algorithm, compute_signature};
@@ -24,16 +24,6 @@ const CALL: &str = "CA5555555555555555555555555555555a";
 /// The sender's W3C trace, continued by the ingress and the worker.
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-/// The binary, killed if the test fails before it stops it.
-struct Binary(Child);
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start(app: &TestApp, prefix: &str) -> (Binary, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_micro8gents"))

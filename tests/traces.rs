@@ -4,26 +4,17 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use common::{PUBLIC_BASE_URL, TestApp};
+use common::{Binary, PUBLIC_BASE_URL, TestApp};
 use micro8gents::verify::twilio::{Algorithm, compute_signature};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
 const PARENT_SPAN: &str = "b7ad6b7169203331";
-
-struct Binary(Child);
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A collector that keeps every OTLP/HTTP traces request body.
 async fn collector() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {

@@ -22,6 +22,16 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
 pub const PUBLIC_BASE_URL: &str = "https://hooks.example.com";
 
+/// A `micro8gents` child process, killed if the test fails before it stops it.
+pub struct Binary(pub std::process::Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn admin_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
