@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::bus::outbox::Relay;
+use crate::bus::durable::Durable;
 use crate::bus::{Broker, Publisher, Topology};
 use crate::config::Config;
 use crate::ingress::{AppState, operational_router, router};
@@ -100,19 +100,12 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
         addr = Some(listener.local_addr()?);
         info!(addr = %listener.local_addr()?, "{what}");
         let publisher = Arc::new(Publisher::new(broker.clone(), cfg.publish_timeout));
-        let outbox_wake = Arc::new(tokio::sync::Notify::new());
+        let durable = Durable::new(pool.clone(), publisher, topology.clone());
         if role.serves() {
-            let relay = Relay {
-                pool: pool.clone(),
-                publisher: publisher.clone(),
-                topology: topology.clone(),
-                wake: outbox_wake.clone(),
-            };
-            tasks.push(tokio::spawn(relay.run(shutdown.clone())));
+            tasks.push(tokio::spawn(durable.relay().run(shutdown.clone())));
         }
         let state = Arc::new(AppState {
-            publisher,
-            outbox_wake,
+            durable,
             secrets: SecretStore::new(pool.clone(), cfg.secret_cache_ttl),
             broker: broker.clone(),
             pool: pool.clone(),

@@ -6,7 +6,8 @@
 //! - `events`: what is carried (the versioned envelope and the typed events);
 //! - `bus`: how it is carried (RabbitMQ topology, connection, confirmed publishing);
 //! - `workers/` (top level): what applies (consumers, one module per event family);
-//! - `store`: what stores (pool, migrations, secret lookups).
+//! - `store`: what stores (pool, migrations, secret lookups);
+//! - `providers`: who sends (the one registry of providers and their families).
 
 pub mod app;
 pub mod bus;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod events;
 pub mod ingress;
 pub mod ops;
+pub mod providers;
 pub mod store;
 pub mod telemetry;
 pub mod trace;

@@ -16,7 +16,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
-/// Micro8gents webhook worker: verifies Twilio, Stripe and n8n webhooks,
+/// Micro8gents webhook worker: verifies webhooks (Twilio, Stripe, n8n),
 /// carries them over RabbitMQ and applies them to Postgres.
 /// Settings come from the environment (see README).
 #[derive(Parser)]
@@ -44,8 +44,8 @@ enum Command {
     /// Publish logged events (webhook_worker.inbox) again through the normal path;
     /// an event already applied is a duplicate and changes nothing.
     Replay {
-        /// twilio, stripe or n8n
-        #[arg(long, value_parser = replay::parse_provider)]
+        /// Only this provider's events.
+        #[arg(long)]
         provider: Provider,
         /// Only this business's events.
         #[arg(long)]
@@ -60,8 +60,8 @@ enum Command {
 enum DlqCommand {
     /// List parked messages (none is removed).
     List {
-        /// calls, billing or bookings (default: all three)
-        #[arg(long, value_parser = dlq::parse_family)]
+        /// Only this family's queue (default: all).
+        #[arg(long)]
         family: Option<Family>,
         /// Read at most this many messages.
         #[arg(long, default_value_t = dlq::DEFAULT_LIMIT)]
@@ -71,8 +71,8 @@ enum DlqCommand {
     Show {
         /// The message id (the event's de-duplication key).
         id: String,
-        /// Look only in this family's queue: calls, billing or bookings.
-        #[arg(long, value_parser = dlq::parse_family)]
+        /// Look only in this family's queue.
+        #[arg(long)]
         family: Option<Family>,
     },
     /// Send parked messages back to their work queue, as first tries.
@@ -83,8 +83,8 @@ enum DlqCommand {
         /// Redrive every parked message (of --family, if given).
         #[arg(long)]
         all: bool,
-        /// Only this family's queue: calls, billing or bookings.
-        #[arg(long, value_parser = dlq::parse_family)]
+        /// Only this family's queue.
+        #[arg(long)]
         family: Option<Family>,
         /// Read at most this many messages per queue.
         #[arg(long, default_value_t = dlq::DEFAULT_LIMIT)]

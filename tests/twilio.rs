@@ -392,12 +392,13 @@ async fn health_and_readiness() {
 
 #[tokio::test]
 async fn a_burst_waiting_for_a_fresh_secret_shares_the_database_reads() {
-    use micro8gents::store::secrets::{IntegrationKind, Lookup, SecretStore};
+    use micro8gents::providers::Provider;
+    use micro8gents::store::secrets::{Lookup, SecretStore};
     let app = TestApp::spawn().await;
     let b = micro8gents::events::BusinessId(app.twilio_business(TOKEN).await);
     let store = SecretStore::new(app.pool.clone(), std::time::Duration::from_secs(60));
     // As many re-checks at once as a flood of bad signatures would cause.
-    let answers = futures_util::future::join_all((0..40).map(|_| store.fresh(b, IntegrationKind::Twilio))).await;
+    let answers = futures_util::future::join_all((0..40).map(|_| store.fresh(b, Provider::Twilio))).await;
     assert!(answers.iter().all(|a| matches!(a, Ok(Lookup::Secrets(s)) if s[0].expose() == TOKEN)));
     assert!(store.reads() <= 2, "40 waiting requests cost {} reads", store.reads());
 
@@ -407,6 +408,6 @@ async fn a_burst_waiting_for_a_fresh_secret_shares_the_database_reads() {
         .execute(&app.pool)
         .await
         .unwrap();
-    assert!(matches!(store.fresh(b, IntegrationKind::Twilio).await, Ok(Lookup::NoActiveIntegration)));
+    assert!(matches!(store.fresh(b, Provider::Twilio).await, Ok(Lookup::NoActiveIntegration)));
     app.stop().await;
 }

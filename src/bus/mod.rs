@@ -2,6 +2,7 @@
 //! demand, and a publisher that only reports success once the broker has
 //! confirmed the message (publisher confirms + `mandatory`).
 
+pub mod durable;
 pub mod outbox;
 pub mod topology;
 

@@ -24,43 +24,7 @@ impl std::fmt::Display for BusinessId {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    Twilio,
-    Stripe,
-    N8n,
-}
-
-impl Provider {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Twilio => "twilio",
-            Provider::Stripe => "stripe",
-            Provider::N8n => "n8n",
-        }
-    }
-}
-
-/// The queue family an event is carried on; each has its own queue, retry queues and DLQ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    Calls,
-    Billing,
-    Bookings,
-}
-
-impl Family {
-    pub const ALL: [Family; 3] = [Family::Calls, Family::Billing, Family::Bookings];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Family::Calls => "calls",
-            Family::Billing => "billing",
-            Family::Bookings => "bookings",
-        }
-    }
-}
+pub use crate::providers::{Family, Provider};
 
 /// One accepted webhook, verified and parsed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,15 +76,9 @@ impl Event {
         }
     }
 
+    /// The family it travels and is applied in: its provider's.
     pub fn family(&self) -> Family {
-        match self {
-            Event::TwilioCallStatus(_) | Event::TwilioRecording(_) | Event::TwilioTranscription(_) => Family::Calls,
-            Event::N8nBooking(_) => Family::Bookings,
-            Event::StripeSubscription(_)
-            | Event::StripeCheckoutSession(_)
-            | Event::StripeInvoice(_)
-            | Event::StripeOther(_) => Family::Billing,
-        }
+        self.provider().family()
     }
 
     pub fn kind(&self) -> &'static str {

@@ -25,8 +25,9 @@ pub enum ApiError {
     Malformed(String),
     #[error("{0}")]
     Invalid(#[from] FieldError),
+    /// The detail (which broker or database error) is logged where it happens, never answered.
     #[error("the event cannot be durably accepted right now: {0}")]
-    Unavailable(String),
+    Unavailable(&'static str),
     #[error("the endpoint is not configured: {0}")]
     NotConfigured(&'static str),
 }

@@ -1,131 +1,278 @@
-//! What receives: the HTTP ingress. Handlers are thin: read the body once
-//! under the size limit, find the secret, verify, parse, publish, answer.
+//! What receives: the HTTP ingress. Every webhook endpoint is one entry of
+//! [`ENDPOINTS`] (provider, name, path, methods, handler); the router, the
+//! OpenAPI check, the metric labels and each request's span derive from it.
+//! A handler gets an [`Incoming`] (business already parsed from the path) and
+//! can read the body only as [`Unverified`] bytes, which become [`Verified`]
+//! only through a signature check; parsers take `&Verified`.
 
 pub mod error;
 pub mod n8n;
 pub mod stripe;
 pub mod twilio;
+mod verified;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{FromRequestParts, OriginalUri, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodFilter, get, on};
+use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 use sqlx::PgPool;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::bus::{Broker, Publisher, Topology, outbox};
+use crate::bus::durable::Durable;
+use crate::bus::{Broker, Topology};
 use crate::config::{Config, Secret};
-use crate::events::{BusinessId, Envelope};
-use crate::store::secrets::{IntegrationKind, Lookup, SecretStore};
+use crate::events::{BusinessId, Envelope, Provider};
+use crate::store::secrets::{Lookup, SecretStore};
 use crate::telemetry;
 use crate::trace::{TRACEPARENT, TraceParent};
 use crate::verify::VerifyError;
 pub use error::ApiError;
+pub use verified::{Unverified, Verified};
 
 pub struct AppState {
     pub cfg: Config,
     pub pool: PgPool,
     pub broker: Arc<Broker>,
-    pub publisher: Arc<Publisher>,
-    /// Wakes the outbox relay after a row is written.
-    pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// Publish, else outbox (and wake its relay): the one way an event is accepted.
+    pub durable: Durable,
     pub topology: Topology,
     pub secrets: SecretStore,
 }
 
 pub type SharedState = Arc<AppState>;
 
-/// One routed endpoint. The router is built from [`ROUTES`], and the tests check
-/// the OpenAPI document against the same list, so neither can drift.
+/// A webhook endpoint's handler: an answer, or the refusal that [`ENDPOINTS`]'
+/// wrapper logs, counts and answers.
+pub type Handler = fn(Incoming, RawBody) -> BoxFuture<'static, Result<Response, ApiError>>;
+
+/// One webhook endpoint, declared once in [`ENDPOINTS`].
+#[derive(Debug)]
+pub struct Endpoint {
+    pub provider: Provider,
+    /// Its short name in metric labels and logs.
+    pub name: &'static str,
+    /// A `{business_id}` segment is parsed before the handler runs (404 `unknown_business` if it is no id).
+    pub path: &'static str,
+    pub methods: &'static [Method],
+    pub handler: Handler,
+}
+
+/// Every webhook endpoint. A new one is one line here, its handler, and its
+/// operation in `openapi.json` (which `tests/openapi.rs` checks against this list).
+pub const ENDPOINTS: &[Endpoint] = &[
+    Endpoint {
+        provider: Provider::Twilio,
+        name: "call-status",
+        path: "/webhooks/twilio/{business_id}/call-status",
+        methods: &[Method::POST],
+        handler: twilio::call_status,
+    },
+    Endpoint {
+        provider: Provider::Twilio,
+        name: "recording",
+        path: "/webhooks/twilio/{business_id}/recording",
+        methods: &[Method::POST],
+        handler: twilio::recording,
+    },
+    Endpoint {
+        provider: Provider::Twilio,
+        name: "transcription",
+        path: "/webhooks/twilio/{business_id}/transcription",
+        methods: &[Method::POST],
+        handler: twilio::transcription,
+    },
+    Endpoint {
+        provider: Provider::N8n,
+        name: "bookings",
+        path: "/webhooks/n8n/{business_id}/bookings",
+        methods: &[Method::POST],
+        handler: n8n::bookings,
+    },
+    Endpoint {
+        provider: Provider::Stripe,
+        name: "stripe",
+        path: "/webhooks/stripe",
+        methods: &[Method::POST],
+        handler: stripe::webhook,
+    },
+];
+
+type Operational = (&'static str, &'static str, fn() -> axum::routing::MethodRouter<SharedState>);
+
+/// The operational endpoints (every process that listens serves them): path, name, handler.
+const OPERATIONAL: &[Operational] = &[
+    ("/healthz", "healthz", || get(healthz)),
+    ("/readyz", "readyz", || get(readyz)),
+    ("/metrics", "metrics", || get(metrics)),
+    ("/openapi.json", "openapi", || get(openapi)),
+];
+
+/// One routed method and path.
 #[derive(Debug, Clone, Copy)]
 pub struct Route {
     pub method: &'static str,
     pub path: &'static str,
     /// The sender, for metric labels; `None` for the operational endpoints.
-    pub provider: Option<&'static str>,
+    pub provider: Option<Provider>,
     /// The endpoint's short name in metric labels.
     pub endpoint: &'static str,
 }
 
-const fn webhook(path: &'static str, provider: &'static str, endpoint: &'static str) -> Route {
-    Route { method: "POST", path, provider: Some(provider), endpoint }
+/// Every method and path the full router serves, derived from [`ENDPOINTS`] and the operational list.
+pub fn routes() -> Vec<Route> {
+    let webhooks = ENDPOINTS.iter().flat_map(|e| {
+        e.methods.iter().map(|m| Route {
+            method: m.as_str(),
+            path: e.path,
+            provider: Some(e.provider),
+            endpoint: e.name,
+        })
+    });
+    let ops = OPERATIONAL.iter().map(|(path, name, _)| Route { method: "GET", path, provider: None, endpoint: name });
+    webhooks.chain(ops).collect()
 }
 
-const fn operational(path: &'static str, endpoint: &'static str) -> Route {
-    Route { method: "GET", path, provider: None, endpoint }
-}
-
-pub const ROUTES: &[Route] = &[
-    webhook("/webhooks/twilio/{business_id}/call-status", "twilio", "call-status"),
-    webhook("/webhooks/twilio/{business_id}/recording", "twilio", "recording"),
-    webhook("/webhooks/twilio/{business_id}/transcription", "twilio", "transcription"),
-    webhook("/webhooks/n8n/{business_id}/bookings", "n8n", "bookings"),
-    webhook("/webhooks/stripe", "stripe", "stripe"),
-    operational("/healthz", "healthz"),
-    operational("/readyz", "readyz"),
-    operational("/metrics", "metrics"),
-    operational("/openapi.json", "openapi"),
-];
-
-/// The hand-written OpenAPI 3.1 description of [`ROUTES`] (checked against it by `tests/openapi.rs`).
+/// The hand-written OpenAPI 3.1 description of [`routes`] (checked against it by `tests/openapi.rs`).
 pub const OPENAPI: &str = include_str!("openapi.json");
-
-/// The handler of each entry of [`ROUTES`].
-fn handler(path: &str) -> MethodRouter<SharedState> {
-    match path {
-        "/webhooks/twilio/{business_id}/call-status" => post(twilio::call_status),
-        "/webhooks/twilio/{business_id}/recording" => post(twilio::recording),
-        "/webhooks/twilio/{business_id}/transcription" => post(twilio::transcription),
-        "/webhooks/n8n/{business_id}/bookings" => post(n8n::bookings),
-        "/webhooks/stripe" => post(stripe::webhook),
-        "/healthz" => get(healthz),
-        "/readyz" => get(readyz),
-        "/metrics" => get(metrics),
-        "/openapi.json" => get(openapi),
-        other => unreachable!("ROUTES names {other} but it has no handler"),
-    }
-}
 
 /// Every route: the webhooks and the operational endpoints.
 pub fn router(state: SharedState) -> Router {
-    build(state, ROUTES.iter())
+    let mut router = operational(Router::new());
+    for endpoint in ENDPOINTS {
+        let filter = endpoint.methods.iter().fold(None, |acc: Option<MethodFilter>, m| {
+            let f = MethodFilter::try_from(m.clone()).expect("a routable method");
+            Some(acc.map_or(f, |a| a.or(f)))
+        });
+        let filter = filter.expect("an endpoint has a method");
+        router = router.route(endpoint.path, on(filter, move |State(s), r| receive(endpoint, s, r)));
+    }
+    router.fallback(not_found).with_state(state)
 }
 
 /// Only the operational endpoints (health, readiness, metrics), for a `work` process.
 pub fn operational_router(state: SharedState) -> Router {
-    build(state, ROUTES.iter().filter(|r| r.provider.is_none()))
+    operational(Router::new()).fallback(not_found).with_state(state)
 }
 
-fn build<'a>(state: SharedState, routes: impl Iterator<Item = &'a Route>) -> Router {
+fn operational(mut router: Router<SharedState>) -> Router<SharedState> {
     telemetry::install();
-    let mut router = Router::new();
-    for route in routes {
-        router = router.route(route.path, handler(route.path));
+    for (path, _, handler) in OPERATIONAL {
+        router = router.route(path, handler());
     }
-    router.route_layer(middleware::from_fn(timed)).fallback(not_found).with_state(state)
+    router
 }
 
-/// Around each webhook: its span, continuing the sender's W3C trace (or starting
-/// one), whose hop the publisher passes on; and how long the answer took.
-async fn timed(path: MatchedPath, request: Request, next: Next) -> Response {
-    let route = ROUTES.iter().find(|r| r.path == path.as_str()).and_then(|r| Some((r.provider?, r.endpoint)));
-    let Some((provider, endpoint)) = route else { return next.run(request).await };
+/// What a webhook handler is given: the request, with its id and business.
+pub struct Incoming {
+    pub state: SharedState,
+    pub endpoint: &'static Endpoint,
+    pub request_id: String,
+    /// The business the path names (endpoints with a `{business_id}` segment).
+    pub business: Option<BusinessId>,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+}
+
+/// The request body, not yet read.
+pub struct RawBody(Body);
+
+impl RawBody {
+    /// Reads the whole body under the size limit; it is usable only once verified.
+    pub async fn read(self, incoming: &Incoming) -> Result<Unverified, ApiError> {
+        read_body(self.0, &incoming.headers, incoming.state.cfg.body_limit_bytes).await.map(Unverified::new)
+    }
+}
+
+impl Incoming {
+    /// The business of the path, for endpoints that have one.
+    pub fn business(&self) -> Result<BusinessId, ApiError> {
+        self.business.ok_or(ApiError::UnknownBusiness)
+    }
+
+    /// A header's text; present but not visible ASCII is malformed, not missing.
+    pub fn header(&self, name: &'static str) -> Result<Option<&str>, VerifyError> {
+        self.headers.get(name).map(|v| v.to_str().map_err(|_| VerifyError::MalformedHeader(name))).transpose()
+    }
+
+    /// Makes the event durable before a 2xx is owed (see [`Durable`]); only when
+    /// neither the broker nor the outbox holds it is the answer 503.
+    pub async fn accept(&self, env: &Envelope) -> Result<(), ApiError> {
+        let traceparent = crate::trace::current().map(|t| t.header());
+        let provider = env.event.provider().as_str();
+        let kept = self.state.durable.keep(env, traceparent.as_deref(), |bus| {
+            warn!(
+                request_id = %env.request_id,
+                key = %env.key,
+                provider,
+                kind = env.event.kind(),
+                business = env.business_id.map(|b| b.0),
+                call_sid = env.event.call_sid(),
+                error = %bus,
+                "publish failed; keeping the event in the outbox"
+            );
+        });
+        let via = match kept.await {
+            Ok(via) => via,
+            Err(e) => {
+                warn!(request_id = %env.request_id, key = %env.key, error = %e.db, "outbox write failed too");
+                return Err(ApiError::Unavailable("neither the broker nor the outbox took the event"));
+            }
+        };
+        telemetry::accepted(provider, self.endpoint.name);
+        info!(
+            request_id = %env.request_id,
+            key = %env.key,
+            provider,
+            kind = env.event.kind(),
+            business = env.business_id.map(|b| b.0),
+            call_sid = env.event.call_sid(),
+            via = via.as_str(),
+            "accepted"
+        );
+        Ok(())
+    }
+}
+
+/// Around each webhook: its span, continuing the sender's W3C trace (or
+/// starting one), whose hop the publisher passes on; the business of the path;
+/// the handler; a refusal logged and counted; how long the answer took.
+async fn receive(endpoint: &'static Endpoint, state: SharedState, request: Request) -> Response {
+    let (provider, name) = (endpoint.provider.as_str(), endpoint.name);
     let incoming = request.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
-    let span = info_span!("webhook", provider, endpoint, trace_id = tracing::field::Empty);
+    let span = info_span!("webhook", provider, endpoint = name, trace_id = tracing::field::Empty);
     let hop = TraceParent::of_span(&span, incoming);
     span.record("trace_id", tracing::field::display(hop.trace_id));
     let started = Instant::now();
-    let response = crate::trace::scope(hop, next.run(request).instrument(span)).await;
-    telemetry::http_duration(provider, endpoint, started.elapsed());
+    let response = crate::trace::scope(hop, run(endpoint, state, request).instrument(span)).await;
+    telemetry::http_duration(provider, name, started.elapsed());
     response
+}
+
+async fn run(endpoint: &'static Endpoint, state: SharedState, request: Request) -> Response {
+    let request_id = new_request_id();
+    let (mut parts, body) = request.into_parts();
+    let business = if endpoint.path.contains("{business_id}") {
+        match Path::<String>::from_request_parts(&mut parts, &state).await.map(|Path(b)| parse_business(&b)) {
+            Ok(Ok(b)) => Some(b),
+            _ => return refuse(&request_id, endpoint, None, ApiError::UnknownBusiness),
+        }
+    } else {
+        None
+    };
+    let uri = parts.extensions.get::<OriginalUri>().map_or_else(|| parts.uri.clone(), |o| o.0.clone());
+    let incoming = Incoming { state, endpoint, request_id: request_id.clone(), business, uri, headers: parts.headers };
+    match (endpoint.handler)(incoming, RawBody(body)).await {
+        Ok(response) => response,
+        Err(e) => refuse(&request_id, endpoint, business, e),
+    }
 }
 
 async fn openapi() -> Response {
@@ -159,7 +306,7 @@ async fn readyz(State(state): State<SharedState>) -> Response {
 }
 
 /// Reads the whole body, refusing it as soon as it passes the limit.
-pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -175,8 +322,8 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
 }
 
 /// A verified body parsed as the one JSON object every JSON webhook sends (400 otherwise).
-pub fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
-    match serde_json::from_slice(body) {
+pub fn json_object(body: &Verified) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    match serde_json::from_slice(body.bytes()) {
         Ok(serde_json::Value::Object(object)) => Ok(object),
         Ok(_) => Err(ApiError::Malformed("the JSON body must be an object".into())),
         Err(e) => Err(ApiError::Malformed(format!("the body is not JSON: {e}"))),
@@ -184,103 +331,58 @@ pub fn json_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Va
 }
 
 /// A path segment that must be a `businesses.id`; anything else is an unknown business.
-pub fn parse_business(raw: &str) -> Result<BusinessId, ApiError> {
+fn parse_business(raw: &str) -> Result<BusinessId, ApiError> {
     raw.parse::<i32>().ok().filter(|id| *id > 0).map(BusinessId).ok_or(ApiError::UnknownBusiness)
 }
 
-/// Checks a signature against the business's active secrets of one kind. A
-/// mismatch against cached secrets is checked once more against a fresh read,
-/// so a rotation takes effect at once.
+/// Checks a signature against the business's active secrets for the
+/// endpoint's provider. A mismatch against cached secrets is checked once more
+/// against a fresh read, so a rotation takes effect at once.
 pub async fn verify_with_business_secrets<F>(
-    state: &AppState,
-    business: BusinessId,
-    kind: IntegrationKind,
+    incoming: &Incoming,
+    body: Unverified,
     check: F,
-) -> Result<(), ApiError>
+) -> Result<Verified, ApiError>
 where
-    F: Fn(&[Secret]) -> Result<(), VerifyError>,
+    F: Fn(&[Secret], &[u8]) -> Result<(), VerifyError>,
 {
+    let (state, kind, business) = (&incoming.state, incoming.endpoint.provider, incoming.business()?);
     let cached = state.secrets.get(business, kind).await.map_err(db_unavailable)?;
-    match check_lookup(&cached, kind, &check) {
+    let check = |secrets: &[Secret], bytes: &[u8]| check(secrets, bytes);
+    match check_lookup(&cached, kind, &body, &check) {
         Err(ApiError::Signature(VerifyError::Mismatch)) => {}
-        other => return other,
+        Ok(()) => return Ok(body.verified()),
+        Err(other) => return Err(other),
     }
     let fresh = state.secrets.fresh(business, kind).await.map_err(db_unavailable)?;
-    check_lookup(&fresh, kind, &check)
+    check_lookup(&fresh, kind, &body, &check)?;
+    Ok(body.verified())
 }
 
-fn check_lookup<F>(lookup: &Lookup, kind: IntegrationKind, check: &F) -> Result<(), ApiError>
+fn check_lookup<F>(lookup: &Lookup, kind: Provider, body: &Unverified, check: &F) -> Result<(), ApiError>
 where
-    F: Fn(&[Secret]) -> Result<(), VerifyError>,
+    F: Fn(&[Secret], &[u8]) -> Result<(), VerifyError>,
 {
     match lookup {
         Lookup::UnknownBusiness => Err(ApiError::UnknownBusiness),
         Lookup::NoActiveIntegration => Err(ApiError::NoActiveIntegration(kind.as_str())),
-        Lookup::Secrets(secrets) => Ok(check(secrets)?),
+        Lookup::Secrets(secrets) => Ok(check(secrets, body.signed_bytes())?),
     }
 }
 
 fn db_unavailable(e: sqlx::Error) -> ApiError {
     warn!(error = %e, "secret lookup failed");
-    ApiError::Unavailable("the database is unreachable".into())
+    ApiError::Unavailable("the database is unreachable")
 }
 
-/// Makes the event durable before a 2xx is owed: published and confirmed by
-/// RabbitMQ, or, if the broker cannot confirm it, written to the Postgres
-/// outbox for the relay. Only when neither holds it is the answer 503.
-pub async fn accept(state: &AppState, endpoint: &'static str, env: &Envelope) -> Result<(), ApiError> {
-    let traceparent = crate::trace::current().map(|t| t.header());
-    let body = env.to_json();
-    let published = state.publisher.publish_envelope(&state.topology, env, &body, traceparent.as_deref()).await;
-    let provider = env.event.provider().as_str();
-    let route = match published {
-        Ok(()) => "broker",
-        Err(bus) => {
-            warn!(
-                request_id = %env.request_id,
-                key = %env.key,
-                provider,
-                kind = env.event.kind(),
-                business = env.business_id.map(|b| b.0),
-                call_sid = env.event.call_sid(),
-                error = %bus,
-                "publish failed; keeping the event in the outbox"
-            );
-            if let Err(db) = outbox::insert(&state.pool, env, &body, traceparent.as_deref()).await {
-                warn!(request_id = %env.request_id, key = %env.key, error = %db, "outbox write failed too");
-                return Err(ApiError::Unavailable(format!("broker: {bus}; outbox: {db}")));
-            }
-            state.outbox_wake.notify_one();
-            "outbox"
-        }
-    };
-    telemetry::accepted(provider, endpoint);
-    info!(
-        request_id = %env.request_id,
-        key = %env.key,
-        provider,
-        kind = env.event.kind(),
-        business = env.business_id.map(|b| b.0),
-        call_sid = env.event.call_sid(),
-        via = route,
-        "accepted"
-    );
-    Ok(())
-}
-
-/// Logs a refusal with its reason (never the secret or the signature) and answers it.
-pub fn refuse(
-    request_id: &str,
-    provider: &'static str,
-    endpoint: &'static str,
-    business: Option<BusinessId>,
-    e: ApiError,
-) -> Response {
-    telemetry::rejected(provider, endpoint, e.reason());
+/// Logs a refusal with its reason (never the secret or the signature), counts it and answers it.
+fn refuse(request_id: &str, endpoint: &Endpoint, business: Option<BusinessId>, e: ApiError) -> Response {
+    let (provider, name) = (endpoint.provider.as_str(), endpoint.name);
+    telemetry::rejected(provider, name, e.reason());
     warn!(
         request_id,
         provider,
-        endpoint,
+        endpoint = name,
         business = business.map(|b| b.0),
         reason = e.reason(),
         code = e.code(),

@@ -1,40 +1,38 @@
 //! Stripe's webhook for the platform account's billing events.
 
 use axum::Json;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
 use serde_json::json;
 
-use super::{ApiError, SharedState, accept, json_object, new_request_id, read_body, refuse};
+use super::{ApiError, Incoming, RawBody, json_object};
 use crate::events::stripe as ev;
 use crate::events::{Envelope, Event};
 use crate::verify::stripe as verify;
 
-pub async fn webhook(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    let request_id = new_request_id();
-    match receive(&state, &headers, body, &request_id).await {
-        // Stripe reads only the status; the body is what its own examples answer.
-        Ok(()) => (StatusCode::OK, Json(json!({"received": true}))).into_response(),
-        Err(e) => refuse(&request_id, "stripe", "stripe", None, e),
-    }
+pub fn webhook(i: Incoming, b: RawBody) -> BoxFuture<'static, Result<Response, ApiError>> {
+    Box::pin(receive(i, b))
 }
 
-async fn receive(state: &SharedState, headers: &HeaderMap, body: Body, request_id: &str) -> Result<(), ApiError> {
+async fn receive(incoming: Incoming, body: RawBody) -> Result<Response, ApiError> {
+    let cfg = &incoming.state.cfg;
     // Fail closed: without a secret nothing could be verified, so the endpoint does not exist.
-    if state.cfg.stripe_webhook_secrets.is_empty() {
+    if cfg.stripe_webhook_secrets.is_empty() {
         return Err(ApiError::NotConfigured("no Stripe endpoint secret is set"));
     }
-    let body = read_body(body, headers, state.cfg.body_limit_bytes).await?;
-    let secrets: Vec<&str> = state.cfg.stripe_webhook_secrets.iter().map(|s| s.expose()).collect();
-    let header = headers.get(verify::SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    let body = body.read(&incoming).await?;
+    let cfg = &incoming.state.cfg;
+    let secrets: Vec<&str> = cfg.stripe_webhook_secrets.iter().map(|s| s.expose()).collect();
+    let header = incoming.headers.get(verify::SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
     let now = chrono::Utc::now().timestamp();
-    verify::verify(&secrets, header, &body, now, verify::DEFAULT_TOLERANCE_SECS)?;
+    let body =
+        body.verify(|bytes| verify::verify(&secrets, header, bytes, now, verify::DEFAULT_TOLERANCE_SECS).map(|_| ()))?;
 
-    // Only now, with the signature good, is the body parsed.
     let value = serde_json::Value::Object(json_object(&body)?);
     let parsed = ev::parse(&value)?;
-    let env = Envelope::new(ev::event_key(parsed.id()), None, request_id.to_string(), Event::from(parsed));
-    accept(state, "stripe", &env).await
+    let env = Envelope::new(ev::event_key(parsed.id()), None, incoming.request_id.clone(), Event::from(parsed));
+    incoming.accept(&env).await?;
+    // Stripe reads only the status; the body is what its own examples answer.
+    Ok((StatusCode::OK, Json(json!({"received": true}))).into_response())
 }

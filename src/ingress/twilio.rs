@@ -1,17 +1,12 @@
 //! Twilio's voice status, recording and transcription callbacks.
 
-use axum::body::Body;
-use axum::extract::{OriginalUri, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
 
-use super::{
-    ApiError, SharedState, accept, json_object, new_request_id, parse_business, read_body, refuse,
-    verify_with_business_secrets,
-};
+use super::{ApiError, Incoming, RawBody, Verified, json_object, verify_with_business_secrets};
 use crate::events::twilio::{self as ev, Params};
 use crate::events::{BusinessId, Envelope, Event};
-use crate::store::secrets::IntegrationKind;
 use crate::verify::twilio as verify;
 
 #[derive(Clone, Copy)]
@@ -21,83 +16,48 @@ enum Callback {
     Transcription,
 }
 
-impl Callback {
-    fn endpoint(self) -> &'static str {
-        match self {
-            Callback::CallStatus => "call-status",
-            Callback::Recording => "recording",
-            Callback::Transcription => "transcription",
-        }
-    }
+pub fn call_status(i: Incoming, b: RawBody) -> BoxFuture<'static, Result<Response, ApiError>> {
+    Box::pin(receive(Callback::CallStatus, i, b))
 }
 
-pub async fn call_status(s: State<SharedState>, p: Path<String>, u: OriginalUri, h: HeaderMap, b: Body) -> Response {
-    handle(Callback::CallStatus, s, p, u, h, b).await
+pub fn recording(i: Incoming, b: RawBody) -> BoxFuture<'static, Result<Response, ApiError>> {
+    Box::pin(receive(Callback::Recording, i, b))
 }
 
-pub async fn recording(s: State<SharedState>, p: Path<String>, u: OriginalUri, h: HeaderMap, b: Body) -> Response {
-    handle(Callback::Recording, s, p, u, h, b).await
+pub fn transcription(i: Incoming, b: RawBody) -> BoxFuture<'static, Result<Response, ApiError>> {
+    Box::pin(receive(Callback::Transcription, i, b))
 }
 
-pub async fn transcription(s: State<SharedState>, p: Path<String>, u: OriginalUri, h: HeaderMap, b: Body) -> Response {
-    handle(Callback::Transcription, s, p, u, h, b).await
-}
-
-async fn handle(
-    callback: Callback,
-    State(state): State<SharedState>,
-    Path(business): Path<String>,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let request_id = new_request_id();
-    let business = parse_business(&business);
-    let result = match &business {
-        Ok(b) => receive(callback, &state, *b, &uri, &headers, body, &request_id).await,
-        Err(_) => Err(ApiError::UnknownBusiness),
-    };
-    match result {
-        // Twilio reads nothing from a status callback's answer; 204 is what it recommends.
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => refuse(&request_id, "twilio", callback.endpoint(), business.ok(), e),
-    }
-}
-
-async fn receive(
-    callback: Callback,
-    state: &SharedState,
-    business: BusinessId,
-    uri: &axum::http::Uri,
-    headers: &HeaderMap,
-    body: Body,
-    request_id: &str,
-) -> Result<(), ApiError> {
-    let body = read_body(body, headers, state.cfg.body_limit_bytes).await?;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let url = format!("{}{}", state.cfg.public_base_url, uri.path_and_query().map_or("/", |p| p.as_str()));
+async fn receive(callback: Callback, incoming: Incoming, body: RawBody) -> Result<Response, ApiError> {
+    let business = incoming.business()?;
+    let body = body.read(&incoming).await?;
+    let uri = &incoming.uri;
+    let url = format!("{}{}", incoming.state.cfg.public_base_url, uri.path_and_query().map_or("/", |p| p.as_str()));
+    let header = |name: &str| incoming.headers.get(name).and_then(|v| v.to_str().ok());
     let signature = header(verify::SIGNATURE_HEADER);
     let alg = verify::algorithm_from_settings(header(verify::SIGNATURE_SETTINGS_HEADER))?;
     let json_variant =
         uri.query().is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "bodySHA256"));
 
     let form: Vec<(String, String)> =
-        if json_variant { Vec::new() } else { form_urlencoded::parse(&body).into_owned().collect() };
-    verify_with_business_secrets(state, business, IntegrationKind::Twilio, |secrets| {
+        if json_variant { Vec::new() } else { form_urlencoded::parse(body.signed_bytes()).into_owned().collect() };
+    let body = verify_with_business_secrets(&incoming, body, |secrets, bytes| {
         let keys: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
         if json_variant {
-            verify::verify_json(&keys, &url, &body, signature, alg)
+            verify::verify_json(&keys, &url, bytes, signature, alg)
         } else {
             verify::verify_form(&keys, &url, &form, signature, alg)
         }
     })
     .await?;
 
-    // Only now, with the signature good, is a JSON body parsed.
+    // The form is what was signed; a JSON body is parsed only now.
     let params = if json_variant { json_params(&body)? } else { form };
-    let event = parse(callback, business, &Params(&params))?;
-    let env = Envelope::new(event.0, Some(business), request_id.to_string(), event.1);
-    accept(state, callback.endpoint(), &env).await
+    let (key, event) = parse(callback, business, &Params(&params))?;
+    let env = Envelope::new(key, Some(business), incoming.request_id.clone(), event);
+    incoming.accept(&env).await?;
+    // Twilio reads nothing from a status callback's answer; 204 is what it recommends.
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn parse(callback: Callback, b: BusinessId, p: &Params) -> Result<(String, Event), ApiError> {
@@ -118,7 +78,7 @@ fn parse(callback: Callback, b: BusinessId, p: &Params) -> Result<(String, Event
 }
 
 /// Twilio's JSON-body variant: a flat object whose values become the parameters.
-fn json_params(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
+fn json_params(body: &Verified) -> Result<Vec<(String, String)>, ApiError> {
     Ok(json_object(body)?
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))

@@ -112,11 +112,6 @@ pub fn families(only: Option<Family>) -> Vec<Family> {
     only.map_or_else(|| Family::ALL.to_vec(), |f| vec![f])
 }
 
-/// Parses `calls`, `billing` or `bookings`.
-pub fn parse_family(s: &str) -> Result<Family, String> {
-    Family::ALL.into_iter().find(|f| f.as_str() == s).ok_or_else(|| format!("{s:?} is not calls, billing or bookings"))
-}
-
 /// The messages parked in the families' dead-letter queues, oldest first; none is removed.
 pub async fn list(
     broker: &Broker,

@@ -97,14 +97,6 @@ async fn page(
     .await
 }
 
-/// Parses a provider's name.
-pub fn parse_provider(s: &str) -> Result<Provider, String> {
-    [Provider::Twilio, Provider::Stripe, Provider::N8n]
-        .into_iter()
-        .find(|p| p.as_str() == s)
-        .ok_or_else(|| format!("{s:?} is not twilio, stripe or n8n"))
-}
-
 /// `--since`: an RFC 3339 time, or a duration back from now (`2h`, `30m`).
 pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {

@@ -1,4 +1,5 @@
-//! Per-business signing secrets, from `public.integrations`, cached briefly.
+//! Per-business signing secrets, from `public.integrations`, cached briefly
+//! (where each provider keeps its secret is declared in `providers::PROVIDERS`).
 //!
 //! A cached answer is trusted for `ttl`; a signature that fails against the
 //! cache is checked again against a fresh read before it is refused, so a new
@@ -14,40 +15,7 @@ use tracing::warn;
 
 use crate::config::Secret;
 use crate::events::BusinessId;
-use crate::verify::standard_webhooks;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IntegrationKind {
-    /// `config.auth_token`
-    Twilio,
-    /// `config.webhook_secret`
-    N8n,
-}
-
-impl IntegrationKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IntegrationKind::Twilio => "twilio",
-            IntegrationKind::N8n => "n8n",
-        }
-    }
-
-    /// Whether a stored secret has this kind's form. A Twilio auth token is
-    /// opaque; an n8n secret must be a Standard Webhooks `whsec_` secret.
-    fn check_secret(self, secret: &str) -> Result<(), String> {
-        match self {
-            IntegrationKind::Twilio => Ok(()),
-            IntegrationKind::N8n => standard_webhooks::Secret::parse(secret).map(|_| ()).map_err(|e| e.to_string()),
-        }
-    }
-
-    fn config_field(self) -> &'static str {
-        match self {
-            IntegrationKind::Twilio => "auth_token",
-            IntegrationKind::N8n => "webhook_secret",
-        }
-    }
-}
+use crate::providers::Provider;
 
 /// What the database says about a business's integration of one kind.
 #[derive(Debug, Clone)]
@@ -60,7 +28,7 @@ pub enum Lookup {
     Secrets(Arc<[Secret]>),
 }
 
-type Key = (BusinessId, IntegrationKind);
+type Key = (BusinessId, Provider);
 
 pub struct SecretStore {
     pool: PgPool,
@@ -84,7 +52,7 @@ impl SecretStore {
     }
 
     /// The cached answer if it is younger than the TTL, else a fresh one.
-    pub async fn get(&self, business: BusinessId, kind: IntegrationKind) -> Result<Lookup, sqlx::Error> {
+    pub async fn get(&self, business: BusinessId, kind: Provider) -> Result<Lookup, sqlx::Error> {
         let cached = self.cache.lock().unwrap().get(&(business, kind)).cloned();
         match cached {
             Some((at, lookup)) if at.elapsed() < self.ttl => Ok(lookup),
@@ -95,7 +63,7 @@ impl SecretStore {
     /// An answer read from the database after this call began, so it sees every
     /// change committed before the request: either a read of its own, or one
     /// that another request started while this one waited its turn.
-    pub async fn fresh(&self, business: BusinessId, kind: IntegrationKind) -> Result<Lookup, sqlx::Error> {
+    pub async fn fresh(&self, business: BusinessId, kind: Provider) -> Result<Lookup, sqlx::Error> {
         let key = (business, kind);
         let asked = Instant::now();
         let gate = self.gates.lock().unwrap().entry(key).or_default().clone();
@@ -112,7 +80,7 @@ impl SecretStore {
         Ok(lookup)
     }
 
-    async fn read(&self, business: BusinessId, kind: IntegrationKind) -> Result<Lookup, sqlx::Error> {
+    async fn read(&self, business: BusinessId, kind: Provider) -> Result<Lookup, sqlx::Error> {
         let rows: Vec<(Option<i32>, Option<String>)> = sqlx::query_as(
             "SELECT i.id, i.config ->> $3
                FROM public.businesses b
@@ -123,7 +91,7 @@ impl SecretStore {
         )
         .bind(business.0)
         .bind(kind.as_str())
-        .bind(kind.config_field())
+        .bind(kind.secret().map(|f| f.field))
         .fetch_all(&self.pool)
         .await?;
         if rows.is_empty() {
@@ -133,7 +101,7 @@ impl SecretStore {
             .into_iter()
             .filter_map(|(integration, s)| Some((integration?, s?)))
             .filter(|(_, s)| !s.is_empty())
-            .filter(|(integration, s)| match kind.check_secret(s) {
+            .filter(|(integration, s)| match kind.secret().map_or(Ok(()), |f| (f.check)(s)) {
                 Ok(()) => true,
                 Err(problem) => {
                     // An operator's mistake: said once per read (not per request), never with the secret.
