@@ -17,8 +17,9 @@
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::PgConnection;
 
-use super::{ApplyError, Outcome};
+use super::{Applier, ApplyError, Outcome};
 use crate::events::stripe::{CheckoutSessionEvent, InvoiceEvent, Payment, SubscriptionEvent};
+use crate::events::{Envelope, Event, Family};
 
 /// What the worker knows of one Stripe subscription (a `billing_subscriptions` row).
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -119,6 +120,28 @@ pub fn project(before: &[SubState], next: &SubState) -> Option<SubState> {
 }
 
 // ---- applying ----------------------------------------------------------------------------
+
+/// The billing family: Stripe's events.
+pub struct Billing;
+
+impl Applier for Billing {
+    const FAMILY: Family = Family::Billing;
+    type Writes = ();
+
+    async fn apply(tx: &mut PgConnection, _: &mut (), env: &Envelope) -> Result<Outcome, ApplyError> {
+        match &env.event {
+            Event::StripeSubscription(e) => apply_subscription(tx, e).await,
+            Event::StripeCheckoutSession(e) => apply_checkout(tx, e).await,
+            Event::StripeInvoice(e) => apply_invoice(tx, e).await,
+            Event::StripeOther(_) => Ok(Outcome::Ignored("event type not applied")),
+            other => Ok(super::not_of_family(Self::FAMILY, other)),
+        }
+    }
+
+    async fn flush(_: &mut PgConnection, _: &mut ()) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+}
 
 pub async fn apply_subscription(tx: &mut PgConnection, e: &SubscriptionEvent) -> Result<Outcome, ApplyError> {
     let s = &e.object;

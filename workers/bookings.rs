@@ -14,9 +14,10 @@ use chrono::{DateTime, Datelike, FixedOffset, Timelike, Utc, Weekday};
 use sqlx::PgConnection;
 use tracing::warn;
 
-use super::{ApplyError, Outcome};
+use super::{Applier, ApplyError, Outcome, Report};
 use crate::events::BusinessId;
 use crate::events::n8n::BookingEvent;
+use crate::events::{Envelope, Event, Family};
 
 /// Counts applied pushes whose booking falls outside opening hours (served on `/metrics`).
 pub const OUTSIDE_HOURS_METRIC: &str = "micro8gents_bookings_outside_hours_total";
@@ -58,10 +59,10 @@ pub struct OutsideHours {
     pub reason: String,
 }
 
-impl OutsideHours {
+impl Report for OutsideHours {
     /// The operator's log line and counter. The row in
     /// `webhook_worker.bookings_outside_hours` was written with the booking.
-    pub fn report(&self) {
+    fn report(&self) {
         warn!(
             booking_id = self.booking_id,
             business = self.business.0,
@@ -70,6 +71,25 @@ impl OutsideHours {
             "booking stored outside the business's opening hours"
         );
         metrics::counter!(OUTSIDE_HOURS_METRIC).increment(1);
+    }
+}
+
+/// The bookings family: n8n's bookings.
+pub struct Bookings;
+
+impl Applier for Bookings {
+    const FAMILY: Family = Family::Bookings;
+    type Writes = ();
+
+    async fn apply(tx: &mut PgConnection, _: &mut (), env: &Envelope) -> Result<Outcome, ApplyError> {
+        match &env.event {
+            Event::N8nBooking(e) => apply_booking(tx, super::business_of(env)?, e).await,
+            other => Ok(super::not_of_family(Self::FAMILY, other)),
+        }
+    }
+
+    async fn flush(_: &mut PgConnection, _: &mut ()) -> Result<(), sqlx::Error> {
+        Ok(())
     }
 }
 
@@ -94,7 +114,7 @@ pub async fn apply_booking(
     let booking_id = write_booking(tx, business, e, plan, closed.as_deref()).await?;
     Ok(match closed {
         Some(reason) => {
-            Outcome::Flagged(OutsideHours { booking_id, business, date: e.booking.date.to_rfc3339(), reason })
+            Outcome::Flagged(Box::new(OutsideHours { booking_id, business, date: e.booking.date.to_rfc3339(), reason }))
         }
         None => Outcome::Applied,
     })

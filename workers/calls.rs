@@ -7,9 +7,10 @@
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::PgConnection;
 
-use super::{ApplyError, Outcome};
+use super::{Applier, ApplyError, Outcome};
 use crate::events::BusinessId;
 use crate::events::twilio::{CallStatusEvent, RecordingEvent, TranscriptionEvent};
+use crate::events::{Envelope, Event, Family};
 
 /// What the worker knows of one call, read under a row lock.
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
@@ -75,6 +76,28 @@ fn clip(s: &str, max_chars: usize) -> String {
 
 fn naive(t: DateTime<Utc>) -> NaiveDateTime {
     t.naive_utc()
+}
+
+/// The calls family: Twilio's status, recording and transcription callbacks.
+pub struct Calls;
+
+impl Applier for Calls {
+    const FAMILY: Family = Family::Calls;
+    type Writes = CallWrites;
+
+    async fn apply(tx: &mut PgConnection, writes: &mut CallWrites, env: &Envelope) -> Result<Outcome, ApplyError> {
+        let at = env.received_at;
+        match &env.event {
+            Event::TwilioCallStatus(e) => apply_status(tx, writes, super::business_of(env)?, e, at).await,
+            Event::TwilioRecording(e) => apply_recording(tx, writes, super::business_of(env)?, e, at).await,
+            Event::TwilioTranscription(e) => apply_transcription(tx, writes, super::business_of(env)?, e, at).await,
+            other => Ok(super::not_of_family(Self::FAMILY, other)),
+        }
+    }
+
+    async fn flush(tx: &mut PgConnection, writes: &mut CallWrites) -> Result<(), sqlx::Error> {
+        writes.flush(tx).await
+    }
 }
 
 pub async fn apply_status(

@@ -8,21 +8,14 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::bus::{Publisher, Topology};
-use crate::events::{BusinessId, Envelope, Provider};
+use crate::events::Envelope;
+use crate::store::inbox;
+pub use crate::store::inbox::Filter;
 
 use super::Progress;
 
 /// Rows read from the log at a time.
 const PAGE: i64 = 500;
-
-/// Which logged events to replay.
-#[derive(Debug, Clone)]
-pub struct Filter {
-    pub provider: Provider,
-    pub business: Option<BusinessId>,
-    /// Only events received at or after this time.
-    pub since: Option<DateTime<Utc>>,
-}
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Replayed {
@@ -50,7 +43,7 @@ pub async fn replay(
     let mut done = Replayed::default();
     let mut after: Option<(DateTime<Utc>, String)> = None;
     loop {
-        let page = page(pool, filter, after.as_ref()).await?;
+        let page = inbox::page(pool, filter, after.as_ref(), PAGE).await?;
         let Some(last) = page.last() else { break };
         after = Some((last.1, last.0.clone()));
         for (key, _, envelope) in page {
@@ -71,30 +64,6 @@ pub async fn replay(
     }
     progress.finish(done.published);
     Ok(done)
-}
-
-async fn page(
-    pool: &PgPool,
-    filter: &Filter,
-    after: Option<&(DateTime<Utc>, String)>,
-) -> Result<Vec<(String, DateTime<Utc>, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT event_key, received_at, envelope::text FROM webhook_worker.inbox
-          WHERE provider = $1
-            AND ($2::int IS NULL OR business_id = $2)
-            AND ($3::timestamptz IS NULL OR received_at >= $3)
-            AND ($4::timestamptz IS NULL OR (received_at, event_key) > ($4, $5))
-          ORDER BY received_at, event_key
-          LIMIT $6",
-    )
-    .bind(filter.provider.as_str())
-    .bind(filter.business.map(|b| b.0))
-    .bind(filter.since)
-    .bind(after.map(|a| a.0))
-    .bind(after.map(|a| a.1.clone()))
-    .bind(PAGE)
-    .fetch_all(pool)
-    .await
 }
 
 /// `--since`: an RFC 3339 time, or a duration back from now (`2h`, `30m`).

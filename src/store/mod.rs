@@ -4,6 +4,7 @@
 //! worker's own state (inbox, CallSid map, sqlx's migration table) lives in
 //! [`WORKER_SCHEMA`], where a `drizzle-kit push` never looks.
 
+pub mod inbox;
 pub mod secrets;
 
 use std::str::FromStr;

@@ -1,0 +1,147 @@
+//! A batch applied in one transaction: every event claims its inbox key, then
+//! its family applies it; the family's gathered writes and the inbox notes are
+//! sent before the commit. An event that fails alone is isolated by applying
+//! the batch again, one event per transaction.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::consumer::Item;
+use super::{Applier, ApplyError, Outcome};
+use crate::store::inbox;
+
+/// Applies the batch in one transaction, or, if one event fails, each event in
+/// its own. Waits out database outages; `None` means shutdown came first.
+pub async fn apply_all<A: Applier>(
+    pool: &PgPool,
+    items: &[Item],
+    shutdown: &CancellationToken,
+) -> Option<Vec<Outcome>> {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let result = match apply_in_one_transaction::<A>(pool, items).await {
+            Err(ApplyError::Permanent(_)) => apply_one_by_one::<A>(pool, items).await,
+            other => other,
+        };
+        match result {
+            Ok(outcomes) => return Some(outcomes),
+            Err(e) => {
+                warn!(error = %e, pause_ms = pause.as_millis() as u64, "batch not applied; holding it and retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+}
+
+/// The fast path: the whole batch's keys are claimed in one statement, then
+/// each new event is applied; per-call writes and inbox outcomes are gathered
+/// ([`Deferred`]) and sent once per call and once per batch before the commit.
+async fn apply_in_one_transaction<A: Applier>(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    let entries: Vec<inbox::Entry<'_>> =
+        items.iter().filter_map(|i| i.envelope.as_ref().ok().map(|env| (env, i.raw()))).collect();
+    let mut fresh = inbox::claim_all(&mut tx, &entries).await?;
+    let mut writes = Deferred::<A>::default();
+    let mut outcomes = Vec::with_capacity(items.len());
+    for item in items {
+        // The first item of a key claimed it; a second copy in the same batch is a duplicate.
+        let claimed = item.envelope.as_ref().is_ok_and(|env| fresh.remove(env.key.as_str()));
+        outcomes.push(apply_claimed(&mut tx, &mut writes, item, claimed).await?);
+    }
+    writes.flush(&mut tx).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// The slow path: every event alone, so that a failing one fails only itself.
+async fn apply_one_by_one<A: Applier>(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
+    let mut conn = pool.acquire().await?;
+    let mut outcomes = Vec::with_capacity(items.len());
+    for item in items {
+        let mut tx = conn.begin().await?;
+        let mut writes = Deferred::<A>::default();
+        let applied = match apply_item(&mut tx, &mut writes, item).await {
+            Ok(o) => writes.flush(&mut tx).await.map(|()| o).map_err(ApplyError::from),
+            Err(e) => Err(e),
+        };
+        let outcome = match applied {
+            Ok(o) => {
+                tx.commit().await?;
+                o
+            }
+            Err(ApplyError::Permanent(reason)) => {
+                tx.rollback().await?;
+                Outcome::Retry(reason)
+            }
+            Err(transient) => return Err(transient),
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+async fn apply_item<A: Applier>(
+    tx: &mut PgConnection,
+    writes: &mut Deferred<A>,
+    item: &Item,
+) -> Result<Outcome, ApplyError> {
+    let claimed = match &item.envelope {
+        Ok(env) => inbox::claim(tx, env, item.raw()).await?,
+        Err(_) => false,
+    };
+    apply_claimed(tx, writes, item, claimed).await
+}
+
+/// Applies an event whose key this transaction has just claimed (`claimed`), or
+/// says why not: undecodable, or a duplicate.
+async fn apply_claimed<A: Applier>(
+    tx: &mut PgConnection,
+    writes: &mut Deferred<A>,
+    item: &Item,
+    claimed: bool,
+) -> Result<Outcome, ApplyError> {
+    let env = match &item.envelope {
+        Ok(env) => env,
+        Err(reason) => return Ok(Outcome::Failed(reason.clone())),
+    };
+    if !claimed {
+        return Ok(Outcome::Duplicate);
+    }
+    let outcome = A::apply(tx, &mut writes.family, env).await?;
+    match &outcome {
+        Outcome::Retry(_) | Outcome::Failed(_) => inbox::release(tx, &env.key).await?,
+        Outcome::Ignored(why) => writes.ignored.push((env.key.clone(), why)),
+        Outcome::Applied | Outcome::Flagged(_) | Outcome::Duplicate => {}
+    }
+    Ok(outcome)
+}
+
+/// Writes gathered while a transaction applies its events, sent before it commits.
+struct Deferred<A: Applier> {
+    family: A::Writes,
+    /// Keys of events recorded but changing nothing, and why.
+    ignored: Vec<(String, &'static str)>,
+}
+
+impl<A: Applier> Default for Deferred<A> {
+    fn default() -> Self {
+        Deferred { family: A::Writes::default(), ignored: Vec::new() }
+    }
+}
+
+impl<A: Applier> Deferred<A> {
+    async fn flush(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        A::flush(tx, &mut self.family).await?;
+        inbox::note_ignored(tx, &self.ignored).await?;
+        self.ignored.clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,300 @@
+//! The consumer side of a family: one channel, its lanes, batches and acks.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, message::Delivery};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Applier, WorkerContext, apply, settle};
+use crate::bus::{ATTEMPT_HEADER, BusError, header_int, header_str};
+use crate::events::Envelope;
+use crate::telemetry;
+use crate::trace::TRACEPARENT;
+
+/// One family's consumer until `shutdown`, reconnecting after broker failures.
+pub async fn run<A: Applier>(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
+    let family = A::FAMILY;
+    let mut pause = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let started = tokio::time::Instant::now();
+        match consume::<A>(&ctx, &shutdown).await {
+            Ok(()) => break,
+            Err(e) => {
+                // A consumer that ran a while before failing starts its back-off afresh.
+                if started.elapsed() > Duration::from_secs(30) {
+                    pause = Duration::from_millis(200);
+                }
+                warn!(family = family.as_str(), error = %e, "consumer stopped; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    debug!(family = family.as_str(), "consumer finished");
+}
+
+/// One consumer (one channel, delivery order) feeds `concurrency` lanes. A
+/// message goes to the lane of its entity ([`Event::lock_key`]: the call, the
+/// booking, the Stripe customer), so one entity's events are still applied one
+/// batch after another in the order the queue delivered them, as with a single
+/// consumer, while the lanes' batches are in Postgres at the same time.
+async fn consume<A: Applier>(ctx: &Arc<WorkerContext>, shutdown: &CancellationToken) -> Result<(), BusError> {
+    let family = A::FAMILY;
+    let ch = ctx.broker.channel().await?;
+    let lanes = ctx.concurrency.max(1);
+    let window = usize::from(ctx.prefetch).saturating_mul(lanes).min(usize::from(u16::MAX)) as u16;
+    ch.basic_qos(window, BasicQosOptions::default()).await?;
+    let queue = ctx.topology.work_queue(family);
+    let tag = format!("{}-{}", family.as_str(), uuid::Uuid::new_v4().simple());
+    let mut consumer = ch
+        .basic_consume(queue.as_str().into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    info!(queue = %queue, lanes, "consuming");
+    // A lane that fails (its channel broke) stops the others and the consumer: all reconnect.
+    let failed = shutdown.child_token();
+    let acks = Arc::new(Acks::new(ch.clone()));
+    let mut senders = Vec::with_capacity(lanes);
+    let mut tasks = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        let (tx, rx) = tokio::sync::mpsc::channel(usize::from(ctx.prefetch).max(1));
+        senders.push(tx);
+        let (ctx, ch, acks, failed) = (ctx.clone(), ch.clone(), acks.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let result = lane::<A>(&ctx, &ch, &acks, rx, &failed).await;
+            if result.is_err() {
+                failed.cancel();
+            }
+            result
+        }));
+    }
+    let mut outcome = Ok(());
+    loop {
+        let next = tokio::select! {
+            _ = failed.cancelled() => break,
+            next = consumer.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                outcome = Err(e.into());
+                break;
+            }
+            None => {
+                outcome = Err(BusError::Unavailable("consumer cancelled by the broker".into()));
+                break;
+            }
+        };
+        let item = Item::new(delivery);
+        let lane = lane_of(&item, lanes);
+        if senders[lane].send(item).await.is_err() {
+            break;
+        }
+    }
+    // Each lane finishes the batch it holds; anything not started is requeued
+    // by the broker when the channel closes.
+    failed.cancel();
+    drop(senders);
+    for t in tasks {
+        match t.await {
+            Ok(Err(e)) if outcome.is_ok() && !shutdown.is_cancelled() => outcome = Err(e),
+            _ => {}
+        }
+    }
+    // Batches applied above a gap (a lane's messages never started) are acked
+    // one by one, so a restart does not deliver them again.
+    if let Err(e) = acks.settled_above_gaps().await {
+        debug!(error = %e, "could not ack the last settled messages; they will be redelivered as duplicates");
+    }
+    let _ = ch.close(200, "shutdown".into()).await;
+    if outcome.is_ok() && !shutdown.is_cancelled() {
+        outcome = Err(BusError::Unavailable("a lane stopped".into()));
+    }
+    outcome
+}
+
+/// The lane an item is applied in: a hash of the entity it locks.
+fn lane_of(item: &Item, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let (business, entity, _, _) = lock_key(item);
+    (business, entity).hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+/// Takes batches off its share of the deliveries and applies them, one after another.
+async fn lane<A: Applier>(
+    ctx: &WorkerContext,
+    ch: &Channel,
+    acks: &Acks,
+    mut rx: tokio::sync::mpsc::Receiver<Item>,
+    stop: &CancellationToken,
+) -> Result<(), BusError> {
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            first = rx.recv() => first,
+        };
+        let Some(first) = first else { return Ok(()) };
+        let batch = fill_batch(ctx, &mut rx, first).await;
+        process_batch::<A>(ctx, ch, acks, batch, stop).await?;
+    }
+}
+
+/// Takes what is already waiting, up to the batch size or for `batch_wait` at most.
+async fn fill_batch(ctx: &WorkerContext, rx: &mut tokio::sync::mpsc::Receiver<Item>, first: Item) -> Vec<Item> {
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + ctx.batch_wait;
+    while batch.len() < ctx.batch_size {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(item)) => batch.push(item),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// One message of a batch: its delivery, its try count and, if it decoded, its envelope.
+pub struct Item {
+    pub delivery: Delivery,
+    pub attempt: i64,
+    /// The W3C trace the message arrived in (set by the ingress).
+    pub traceparent: Option<String>,
+    pub envelope: Result<Envelope, String>,
+}
+
+impl Item {
+    /// The exact bytes it arrived as (logged in the inbox as they are).
+    pub fn raw(&self) -> &str {
+        std::str::from_utf8(&self.delivery.data).unwrap_or("{}")
+    }
+
+    fn new(delivery: Delivery) -> Self {
+        Item {
+            attempt: header_int(&delivery.properties, ATTEMPT_HEADER).unwrap_or(1),
+            traceparent: header_str(&delivery.properties, TRACEPARENT),
+            envelope: Envelope::from_json(&delivery.data),
+            delivery,
+        }
+    }
+}
+
+async fn process_batch<A: Applier>(
+    ctx: &WorkerContext,
+    ch: &Channel,
+    acks: &Acks,
+    mut items: Vec<Item>,
+    shutdown: &CancellationToken,
+) -> Result<(), BusError> {
+    // One lock order for every worker: no deadlocks between concurrent batches.
+    items.sort_by_key(lock_key);
+
+    let started = std::time::Instant::now();
+    let Some(outcomes) = apply::apply_all::<A>(&ctx.pool, &items, shutdown).await else {
+        // Shutting down while Postgres is away: hand the batch back untouched
+        // (never settled, so no later `multiple` ack covers it).
+        for item in &items {
+            ch.basic_nack(item.delivery.delivery_tag, BasicNackOptions { multiple: false, requeue: true }).await?;
+        }
+        return Ok(());
+    };
+    let labels = [("family", A::FAMILY.as_str())];
+    metrics::histogram!(telemetry::APPLY_DURATION, &labels).record(started.elapsed().as_secs_f64());
+    metrics::counter!(telemetry::BATCHES, &labels).increment(1);
+    for (item, outcome) in items.iter().zip(&outcomes) {
+        settle::settle(ctx, A::FAMILY, item, outcome).await?;
+    }
+    acks.settled(items.iter().map(|i| i.delivery.delivery_tag)).await
+}
+
+/// Acknowledges a channel's deliveries once every one up to a tag is settled,
+/// with one `multiple` ack: lanes finish out of order, and an ack per message
+/// costs the broker and the worker as much again as the message itself.
+/// (Delivery tags count up from 1 per channel, and the channel has one consumer.)
+struct Acks {
+    ch: Channel,
+    state: tokio::sync::Mutex<AckState>,
+}
+
+#[derive(Default)]
+struct AckState {
+    /// Every tag up to here is acknowledged.
+    upto: u64,
+    /// Settled tags above `upto`, waiting for the ones below them.
+    done: BTreeSet<u64>,
+}
+
+impl Acks {
+    fn new(ch: Channel) -> Self {
+        Acks { ch, state: tokio::sync::Mutex::new(AckState::default()) }
+    }
+
+    async fn settled(&self, tags: impl Iterator<Item = u64>) -> Result<(), BusError> {
+        let mut st = self.state.lock().await;
+        if let Some(upto) = st.settle(tags) {
+            // Under the lock, so acks leave in order.
+            self.ch.basic_ack(upto, BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Acks {
+    /// Acks each settled tag that waits behind an unsettled one: at the end, when
+    /// the gap will never close (its messages go back to the queue instead).
+    async fn settled_above_gaps(&self) -> Result<(), BusError> {
+        let mut st = self.state.lock().await;
+        while let Some(tag) = st.done.pop_first() {
+            self.ch.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
+        }
+        Ok(())
+    }
+}
+
+impl AckState {
+    /// Records settled tags; the tag to ack with `multiple` if the settled run from 1 grew.
+    fn settle(&mut self, tags: impl Iterator<Item = u64>) -> Option<u64> {
+        self.done.extend(tags);
+        let before = self.upto;
+        while self.done.first() == Some(&(self.upto + 1)) {
+            self.done.pop_first();
+            self.upto += 1;
+        }
+        (self.upto > before).then_some(self.upto)
+    }
+}
+
+/// The batch order, which is also the order row locks are taken in (see [`Event::lock_key`]).
+pub fn lock_key(item: &Item) -> (i32, String, u8, i64) {
+    match &item.envelope {
+        Ok(env) => {
+            let (entity, rank, at) = env.event.lock_key();
+            (env.business_id.map_or(0, |b| b.0), entity.unwrap_or(&env.key).to_string(), rank, at)
+        }
+        Err(_) => (i32::MIN, String::new(), 0, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AckState;
+
+    #[test]
+    fn acks_wait_for_every_lower_tag_and_never_pass_a_gap() {
+        let mut acks = AckState::default();
+        assert_eq!(acks.settle([3, 4].into_iter()), None, "1 and 2 are still being applied");
+        assert_eq!(acks.settle([1].into_iter()), Some(1));
+        assert_eq!(acks.settle([2, 6].into_iter()), Some(4), "2 closes the gap up to 4; 5 is missing");
+        assert_eq!(acks.settle(std::iter::empty()), None);
+        assert_eq!(acks.settle([5].into_iter()), Some(6));
+        assert!(acks.done.is_empty());
+    }
+}
