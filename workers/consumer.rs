@@ -195,7 +195,7 @@ async fn process_batch<A: Applier>(
     shutdown: &CancellationToken,
 ) -> Result<(), BusError> {
     // One lock order for every worker: no deadlocks between concurrent batches.
-    items.sort_by_key(lock_key);
+    items.sort_by(|a, b| lock_key(a).cmp(&lock_key(b)));
 
     let started = std::time::Instant::now();
     let Some(outcomes) = apply::apply_all::<A>(&ctx.pool, &items, shutdown).await else {
@@ -273,13 +273,14 @@ impl AckState {
 }
 
 /// The batch order, which is also the order row locks are taken in (see [`Event::lock_key`]).
-pub fn lock_key(item: &Item) -> (i32, String, u8, i64) {
+/// Borrowed from the item: sorting allocates nothing.
+fn lock_key(item: &Item) -> (i32, &str, u8, i64) {
     match &item.envelope {
         Ok(env) => {
             let (entity, rank, at) = env.event.lock_key();
-            (env.business_id.map_or(0, |b| b.0), entity.unwrap_or(&env.key).to_string(), rank, at)
+            (env.business_id.map_or(0, |b| b.0), entity.unwrap_or(&env.key), rank, at)
         }
-        Err(_) => (i32::MIN, String::new(), 0, 0),
+        Err(_) => (i32::MIN, "", 0, 0),
     }
 }
 
