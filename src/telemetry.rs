@@ -1,24 +1,21 @@
 //! What an operator sees: Prometheus metrics.
 //!
 //! Counters and histograms are recorded through the `metrics` crate wherever
-//! the thing happens (ingress `accept`/`refuse`, the publisher, the worker's
-//! `settle`). One recorder per process, installed on first use, so several
-//! services started in one process (the tests) share it. Gauges that describe
-//! *this* process's surroundings (dead-letter depth, pool, outbox) are read at
-//! scrape time and appended to the text, so they are never stale and never
-//! mixed up between two services in one process.
+//! the thing happens (the ingress's accept and refusal, the publisher, the
+//! worker's settle). One recorder per process, installed on first use, so
+//! several services started in one process (the tests) share it. Gauges that
+//! describe *this* process's surroundings (dead-letter depth, pool, outbox) are
+//! read at scrape time by their owners into a [`Snapshot`] and appended to the
+//! text, so they are never stale and never mixed up between two services in
+//! one process. This module imports neither the bus nor the store.
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use metrics::{describe_counter, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use sqlx::PgPool;
 
-use crate::bus::{Broker, Topology};
 use crate::events::Family;
 
 pub const EVENTS_ACCEPTED: &str = "micro8gents_events_accepted_total";
@@ -41,8 +38,6 @@ pub const OUTBOX_OLDEST_AGE: &str = "micro8gents_outbox_oldest_age_seconds";
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Histograms are folded this often; a scrape folds them too.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
-/// A scrape never waits longer than this for the broker or Postgres.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -73,7 +68,10 @@ pub fn install() -> &'static PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!(EVENTS_ACCEPTED, "Webhooks accepted: the broker confirmed them and the sender got a 2xx.");
+    describe_counter!(
+        EVENTS_ACCEPTED,
+        "Webhooks accepted: confirmed by the broker or kept in the outbox, and the sender got a 2xx."
+    );
     describe_counter!(
         EVENTS_REJECTED,
         "Webhooks refused, by reason (signature, timestamp, unknown_business, validation, too_large, unavailable)."
@@ -95,7 +93,7 @@ fn describe() {
     describe_counter!(EVENTS_DEAD_LETTERED, "Events parked in a dead-letter queue.");
 }
 
-/// Counts a webhook the broker confirmed.
+/// Counts an accepted webhook (confirmed by the broker, or kept in the outbox).
 pub fn accepted(provider: &'static str, endpoint: &'static str) {
     metrics::counter!(EVENTS_ACCEPTED, "provider" => provider, "endpoint" => endpoint).increment(1);
 }
@@ -109,68 +107,47 @@ pub fn http_duration(provider: &'static str, endpoint: &'static str, took: Durat
     metrics::histogram!(HTTP_DURATION, "provider" => provider, "endpoint" => endpoint).record(took.as_secs_f64());
 }
 
-/// The whole text for one scrape: what was recorded, then this process's gauges.
-pub async fn render(pool: &PgPool, broker: &Broker, topology: &Topology) -> String {
+/// This process's surroundings at scrape time, read by whoever owns them
+/// (the bus, the outbox, the pool); `None` when it could not be read in time.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Each family's dead-letter queue depth.
+    pub dlq: Option<Vec<(Family, u32)>>,
+    /// The pool's connections: (size, idle).
+    pub pool: Option<(u32, u32)>,
+    /// The outbox's depth and the age of its oldest row in seconds.
+    pub outbox: Option<(i64, f64)>,
+}
+
+/// The whole text for one scrape: what was recorded, then the snapshot's gauges.
+pub fn render(snapshot: &Snapshot) -> String {
     let handle = install();
     handle.run_upkeep();
     let mut out = handle.render();
     if !out.is_empty() && !out.ends_with('\n') {
         out.push('\n');
     }
-    dlq_gauges(&mut out, broker, topology).await;
-    pool_gauges(&mut out, pool);
-    outbox_gauges(&mut out, pool).await;
+    if let Some(depths) = &snapshot.dlq {
+        let _ = writeln!(out, "# HELP {DLQ_DEPTH} Messages parked in each family's dead-letter queue.");
+        let _ = writeln!(out, "# TYPE {DLQ_DEPTH} gauge");
+        for (family, n) in depths {
+            let _ = writeln!(out, "{DLQ_DEPTH}{{family=\"{}\"}} {n}", family.as_str());
+        }
+    }
+    if let Some((size, idle)) = snapshot.pool {
+        let idle = idle.min(size);
+        let _ = writeln!(out, "# HELP {POOL_CONNECTIONS} Postgres connections of this process's pool, by state.");
+        let _ = writeln!(out, "# TYPE {POOL_CONNECTIONS} gauge");
+        let _ = writeln!(out, "{POOL_CONNECTIONS}{{state=\"in_use\"}} {}", size - idle);
+        let _ = writeln!(out, "{POOL_CONNECTIONS}{{state=\"idle\"}} {idle}");
+    }
+    if let Some((depth, age)) = snapshot.outbox {
+        let _ = writeln!(out, "# HELP {OUTBOX_DEPTH} Events in the Postgres outbox waiting to be published.");
+        let _ = writeln!(out, "# TYPE {OUTBOX_DEPTH} gauge");
+        let _ = writeln!(out, "{OUTBOX_DEPTH} {depth}");
+        let _ = writeln!(out, "# HELP {OUTBOX_OLDEST_AGE} Age of the oldest event in the outbox (0 when empty).");
+        let _ = writeln!(out, "# TYPE {OUTBOX_OLDEST_AGE} gauge");
+        let _ = writeln!(out, "{OUTBOX_OLDEST_AGE} {age}");
+    }
     out
-}
-
-async fn dlq_gauges(out: &mut String, broker: &Broker, topology: &Topology) {
-    let depths = tokio::time::timeout(PROBE_TIMEOUT, dlq_depths(broker, topology)).await;
-    let Ok(Ok(depths)) = depths else { return };
-    let _ = writeln!(out, "# HELP {DLQ_DEPTH} Messages parked in each family's dead-letter queue.");
-    let _ = writeln!(out, "# TYPE {DLQ_DEPTH} gauge");
-    for (family, n) in depths {
-        let _ = writeln!(out, "{DLQ_DEPTH}{{family=\"{}\"}} {n}", family.as_str());
-    }
-}
-
-/// Each dead-letter queue's message count, read with a passive declare (which creates nothing).
-pub async fn dlq_depths(broker: &Broker, topology: &Topology) -> Result<Vec<(Family, u32)>, crate::bus::BusError> {
-    let ch = broker.channel().await?;
-    let mut depths = Vec::new();
-    for family in Family::ALL {
-        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
-        let q = ch.queue_declare(topology.dead_queue(family).as_str().into(), opts, FieldTable::default()).await?;
-        depths.push((family, q.message_count()));
-    }
-    let _ = ch.close(200, "scraped".into()).await;
-    Ok(depths)
-}
-
-fn pool_gauges(out: &mut String, pool: &PgPool) {
-    let size = pool.size();
-    let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(size);
-    let _ = writeln!(out, "# HELP {POOL_CONNECTIONS} Postgres connections of this process's pool, by state.");
-    let _ = writeln!(out, "# TYPE {POOL_CONNECTIONS} gauge");
-    let _ = writeln!(out, "{POOL_CONNECTIONS}{{state=\"in_use\"}} {}", size - idle);
-    let _ = writeln!(out, "{POOL_CONNECTIONS}{{state=\"idle\"}} {idle}");
-}
-
-async fn outbox_gauges(out: &mut String, pool: &PgPool) {
-    let Ok(Ok((depth, age))) = tokio::time::timeout(PROBE_TIMEOUT, outbox(pool)).await else { return };
-    let _ = writeln!(out, "# HELP {OUTBOX_DEPTH} Events in the Postgres outbox waiting to be published.");
-    let _ = writeln!(out, "# TYPE {OUTBOX_DEPTH} gauge");
-    let _ = writeln!(out, "{OUTBOX_DEPTH} {depth}");
-    let _ = writeln!(out, "# HELP {OUTBOX_OLDEST_AGE} Age of the oldest event in the outbox (0 when empty).");
-    let _ = writeln!(out, "# TYPE {OUTBOX_OLDEST_AGE} gauge");
-    let _ = writeln!(out, "{OUTBOX_OLDEST_AGE} {age}");
-}
-
-/// The outbox's depth and the age of its oldest row.
-async fn outbox(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
-    sqlx::query_as(
-        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0)
-           FROM webhook_worker.outbox",
-    )
-    .fetch_one(pool)
-    .await
 }

@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-use crate::events::Envelope;
+use crate::events::{Envelope, Family};
 pub use topology::Topology;
 
 /// Header counting how many times a message has been tried (1 on first publish).
@@ -116,6 +116,19 @@ impl Broker {
         self.topology.declare(&ch).await?;
         ch.close(200, "declared".into()).await?;
         Ok(conn)
+    }
+
+    /// Each family's dead-letter queue depth, read with a passive declare (which creates nothing).
+    pub async fn dead_letter_depths(&self, topology: &Topology) -> Result<Vec<(Family, u32)>, BusError> {
+        let ch = self.channel().await?;
+        let mut depths = Vec::new();
+        for family in Family::ALL {
+            let opts = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+            let q = ch.queue_declare(topology.dead_queue(family).as_str().into(), opts, FieldTable::default()).await?;
+            depths.push((family, q.message_count()));
+        }
+        let _ = ch.close(200, "scraped".into()).await;
+        Ok(depths)
     }
 
     pub async fn close(&self) {

@@ -40,6 +40,16 @@ pub async fn insert(pool: &PgPool, env: &Envelope, body: &[u8], traceparent: Opt
     Ok(())
 }
 
+/// The outbox's depth and the age of its oldest row in seconds (for the metrics).
+pub async fn depth(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0)
+           FROM webhook_worker.outbox",
+    )
+    .fetch_one(pool)
+    .await
+}
+
 #[derive(sqlx::FromRow)]
 struct OutboxRow {
     id: i64,
