@@ -78,8 +78,9 @@ pub struct Config {
     pub prefetch: u16,
     pub batch_size: usize,
     pub batch_wait: Duration,
-    /// Consumers per event family in one `work` process, each on its own channel
-    /// with its own prefetch window, so that several batches are in Postgres at once.
+    /// Lanes per event family in one `work` process: one consumer (one channel,
+    /// prefetch times lanes) feeds them by entity, so that several batches are
+    /// in Postgres at once (docs/adr/0009-lanes-and-cumulative-acks.md).
     pub worker_concurrency: usize,
     /// Delays between the tries of an event that cannot be applied yet; one try more than delays.
     pub retry_delays: Vec<Duration>,

@@ -114,7 +114,7 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", chain(&e));
             ExitCode::FAILURE
         }
     };
@@ -126,6 +126,24 @@ fn main() -> ExitCode {
         eprintln!("micro8gents: traces not all exported: {e}");
     }
     code
+}
+
+/// An error and its causes, each said once: many errors' messages already
+/// include their source's (sqlx's "while executing migration 1: ..."), so a
+/// cause already in the text so far is not repeated.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
@@ -263,4 +281,21 @@ fn init_logging(json: bool, tracer: Option<&SdkTracerProvider>) {
     let fmt = if json { fmt.json().flatten_event(true).boxed() } else { fmt.boxed() };
     let otlp = tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t.tracer("micro8gents")));
     tracing_subscriber::registry().with(filter).with(fmt).with(otlp).init();
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("while executing migration 1: {0}")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("type \"call_status\" already exists")]
+    struct Inner;
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let e = anyhow::Error::new(Outer(Inner)).context("migrate");
+        assert_eq!(super::chain(&e), "migrate: while executing migration 1: type \"call_status\" already exists");
+    }
 }

@@ -6,7 +6,7 @@ pub mod durable;
 pub mod outbox;
 pub mod topology;
 
-use std::sync::Mutex as StdMutex;
+use parking_lot::Mutex as SyncMutex;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -44,7 +44,7 @@ pub struct Broker {
     name: String,
     topology: Topology,
     conn: Mutex<Option<Connection>>,
-    last_failure: StdMutex<Option<Instant>>,
+    last_failure: SyncMutex<Option<Instant>>,
 }
 
 impl Broker {
@@ -56,12 +56,8 @@ impl Broker {
             name: name.to_string(),
             topology,
             conn: Mutex::new(None),
-            last_failure: StdMutex::new(None),
+            last_failure: SyncMutex::new(None),
         }
-    }
-
-    pub fn topology(&self) -> &Topology {
-        &self.topology
     }
 
     /// A new channel on the live connection, connecting first if needed.
@@ -95,7 +91,7 @@ impl Broker {
     }
 
     async fn connect(&self) -> Result<Connection, BusError> {
-        let recent = self.last_failure.lock().unwrap().is_some_and(|t| t.elapsed() < RECONNECT_BACKOFF);
+        let recent = self.last_failure.lock().is_some_and(|t| t.elapsed() < RECONNECT_BACKOFF);
         if recent {
             return Err(BusError::Unavailable("reconnect backing off".into()));
         }
@@ -106,7 +102,7 @@ impl Broker {
             Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
             Err(_) => Err(BusError::Unavailable(format!("connect timed out after {CONNECT_TIMEOUT:?}"))),
         };
-        *self.last_failure.lock().unwrap() = outcome.as_ref().err().map(|_| Instant::now());
+        *self.last_failure.lock() = outcome.as_ref().err().map(|_| Instant::now());
         outcome
     }
 

@@ -1,8 +1,8 @@
 //! What stores: the Postgres pool, the migrations, and the per-business secrets.
 //!
 //! The seed's tables live in `public` exactly as Drizzle declares them; all the
-//! worker's own state (inbox, CallSid map, sqlx's migration table) lives in
-//! [`WORKER_SCHEMA`], where a `drizzle-kit push` never looks.
+//! worker's own state (inbox, outbox, sqlx's migration table) lives in the
+//! `webhook_worker` schema, where a `drizzle-kit push` never looks.
 
 pub mod inbox;
 pub mod secrets;
@@ -13,8 +13,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::config::Config;
-
-pub const WORKER_SCHEMA: &str = "webhook_worker";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -7,7 +7,9 @@
 //! working within `ttl` (see docs/adr/0004-secret-cache.md).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -53,7 +55,7 @@ impl SecretStore {
 
     /// The cached answer if it is younger than the TTL, else a fresh one.
     pub async fn get(&self, business: BusinessId, kind: Provider) -> Result<Lookup, sqlx::Error> {
-        let cached = self.cache.lock().unwrap().get(&(business, kind)).cloned();
+        let cached = self.cache.lock().get(&(business, kind)).cloned();
         match cached {
             Some((at, lookup)) if at.elapsed() < self.ttl => Ok(lookup),
             _ => self.fresh(business, kind).await,
@@ -66,9 +68,9 @@ impl SecretStore {
     pub async fn fresh(&self, business: BusinessId, kind: Provider) -> Result<Lookup, sqlx::Error> {
         let key = (business, kind);
         let asked = Instant::now();
-        let gate = self.gates.lock().unwrap().entry(key).or_default().clone();
+        let gate = self.gates.lock().entry(key).or_default().clone();
         let _turn = gate.lock().await;
-        if let Some((began, lookup)) = self.cache.lock().unwrap().get(&key)
+        if let Some((began, lookup)) = self.cache.lock().get(&key)
             && *began >= asked
         {
             return Ok(lookup.clone());
@@ -76,7 +78,7 @@ impl SecretStore {
         let began = Instant::now();
         self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let lookup = self.read(business, kind).await?;
-        self.cache.lock().unwrap().insert(key, (began, lookup.clone()));
+        self.cache.lock().insert(key, (began, lookup.clone()));
         Ok(lookup)
     }
 
