@@ -440,6 +440,39 @@ async fn events_in_reverse_order_end_as_the_newest_says() {
     app.stop().await;
 }
 
+/// Stripe often sends `customer.subscription.created` (incomplete) and `.updated`
+/// (active) with one `created` second. Either arrival order ends `active`.
+#[tokio::test]
+async fn a_created_and_updated_pair_in_one_second_ends_the_same_in_either_order() {
+    let app = spawn().await;
+    for (order, first_is_created) in [("a", true), ("b", false)] {
+        let u = user(&app).await;
+        let (sub, cus) = (format!("sub_pair_{order}"), format!("cus_pair_{order}"));
+        let created = Sub::new(&sub, &cus, "incomplete").user(u).basil(
+            &format!("evt_pair_{order}_1"),
+            "customer.subscription.created",
+            T0 + 50,
+        );
+        let updated = Sub::new(&sub, &cus, "active").user(u).basil(
+            &format!("evt_pair_{order}_2"),
+            "customer.subscription.updated",
+            T0 + 50,
+        );
+        let (first, second) = if first_is_created { (&created, &updated) } else { (&updated, &created) };
+        assert_eq!(apply(&app, first).await, "applied");
+        let outcome = apply(&app, second).await;
+        if first_is_created {
+            assert_eq!(outcome, "applied");
+        } else {
+            assert_eq!(outcome, "ignored: same second as the last applied event, earlier in the lifecycle");
+        }
+        let r = row(&app, u).await;
+        assert_eq!((r.status.as_str(), r.plan.as_str()), ("active", "basic"), "order {order}");
+        assert_eq!(r.stripe_subscription_id.as_deref(), Some(sub.as_str()));
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_subscription_before_its_checkout_session_waits_for_it() {
     let app = spawn_with(|v| {

@@ -55,17 +55,50 @@ fn naive(t: DateTime<Utc>) -> NaiveDateTime {
     t.naive_utc()
 }
 
-fn is_stale(prev: Option<&SubState>, created: DateTime<Utc>) -> bool {
-    prev.is_some_and(|p| naive(created) < p.last_event_created)
+/// Where a status stands in Stripe's lifecycle (CONTRACT section 4), for events
+/// of one subscription that share a `created` second. A status Stripe may add
+/// later ranks lowest, so it never hides a known one.
+pub fn lifecycle_rank(status: &str) -> u8 {
+    match status {
+        "incomplete" => 1,
+        "incomplete_expired" => 2,
+        "trialing" => 3,
+        "active" => 4,
+        "past_due" => 5,
+        "unpaid" => 6,
+        "paused" => 7,
+        "canceled" => 8,
+        _ => 0,
+    }
+}
+
+pub const SAME_SECOND_EARLIER: &str = "same second as the last applied event, earlier in the lifecycle";
+
+/// Why an event leaving the subscription in `next_status` must change nothing, if it must.
+///
+/// Older than the last applied event: stale. In the same second (Stripe often
+/// sends `customer.subscription.created` and `.updated` with one `created`): the
+/// status later in Stripe's lifecycle wins, so the pair ends the same in either
+/// order. Equal ranks apply in arrival order.
+fn refusal(prev: Option<&SubState>, created: DateTime<Utc>, next_status: &str) -> Option<&'static str> {
+    let p = prev?;
+    let created = naive(created);
+    if created < p.last_event_created {
+        Some(STALE)
+    } else if created == p.last_event_created && lifecycle_rank(next_status) < lifecycle_rank(&p.status) {
+        Some(SAME_SECOND_EARLIER)
+    } else {
+        None
+    }
 }
 
 /// The subscription's state after a subscription event: everything the event
 /// says, with what it does not say (an unnamed plan, a missing period) kept.
 pub fn plan_subscription(prev: Option<&SubState>, user_id: i32, e: &SubscriptionEvent) -> Result<SubState, Outcome> {
-    if is_stale(prev, e.created) {
-        return Err(Outcome::Ignored(STALE));
-    }
     let s = &e.object;
+    if let Some(reason) = refusal(prev, e.created, &s.status) {
+        return Err(Outcome::Ignored(reason));
+    }
     let kept = |f: fn(&SubState) -> Option<NaiveDateTime>| prev.and_then(f);
     Ok(SubState {
         stripe_subscription_id: s.id.clone(),
@@ -93,12 +126,15 @@ pub fn invoice_status(status: &str, payment: Payment) -> Option<&'static str> {
 }
 
 pub fn plan_invoice(prev: &SubState, e: &InvoiceEvent) -> Result<SubState, Outcome> {
-    if is_stale(Some(prev), e.created) {
-        return Err(Outcome::Ignored(STALE));
+    if let Some(reason) = refusal(Some(prev), e.created, &prev.status) {
+        return Err(Outcome::Ignored(reason));
     }
     let Some(status) = invoice_status(&prev.status, e.object.payment) else {
         return Err(Outcome::Ignored("the invoice does not move the subscription's status"));
     };
+    if let Some(reason) = refusal(Some(prev), e.created, status) {
+        return Err(Outcome::Ignored(reason));
+    }
     Ok(SubState {
         status: status.to_string(),
         last_event_id: e.id.clone(),
@@ -456,7 +492,42 @@ mod tests {
         );
         let same_second = plan_subscription(Some(&prev), 1, &sub_event("sub_1", 100, "past_due", None)).unwrap();
         assert_eq!(same_second.status, "past_due");
+        let same_status = plan_subscription(Some(&prev), 1, &sub_event("sub_1", 100, "active", None)).unwrap();
+        assert_eq!(same_status.last_event_id, "evt_100");
         assert_eq!(plan_invoice(&prev, &invoice(99, Payment::Failed)), Err(Outcome::Ignored(STALE)));
+    }
+
+    /// `created` (incomplete) and `updated` (active) in one second, in both orders:
+    /// the status later in the lifecycle wins either way.
+    #[test]
+    fn a_same_second_pair_ends_the_same_in_either_order() {
+        let created = sub_event("sub_1", 100, "incomplete", Some(Plan::Basic));
+        let updated = sub_event("sub_1", 100, "active", Some(Plan::Basic));
+        let run = |first: &SubscriptionEvent, second: &SubscriptionEvent| {
+            let s1 = plan_subscription(None, 1, first).unwrap();
+            plan_subscription(Some(&s1), 1, second).map_or(s1.status.clone(), |s2| s2.status)
+        };
+        assert_eq!(run(&created, &updated), "active");
+        assert_eq!(run(&updated, &created), "active");
+        let s1 = plan_subscription(None, 1, &updated).unwrap();
+        assert_eq!(plan_subscription(Some(&s1), 1, &created), Err(Outcome::Ignored(SAME_SECOND_EARLIER)));
+        // A later second still moves back along the lifecycle (a reactivated subscription, say).
+        let later = sub_event("sub_1", 101, "incomplete", None);
+        assert_eq!(plan_subscription(Some(&s1), 1, &later).unwrap().status, "incomplete");
+        // Every listed status ranks above an unknown one, in the contract's order.
+        let order =
+            ["incomplete", "incomplete_expired", "trialing", "active", "past_due", "unpaid", "paused", "canceled"];
+        assert!(order.windows(2).all(|w| lifecycle_rank(w[0]) < lifecycle_rank(w[1])));
+        assert!(lifecycle_rank("something_new") < lifecycle_rank("incomplete"));
+    }
+
+    #[test]
+    fn a_same_second_invoice_cannot_move_the_status_back() {
+        let prev = state("sub_1", "past_due", 10, 100);
+        // paid: past_due -> active, earlier in the lifecycle than past_due in the same second.
+        assert_eq!(plan_invoice(&prev, &invoice(100, Payment::Paid)), Err(Outcome::Ignored(SAME_SECOND_EARLIER)));
+        let active = state("sub_1", "active", 10, 100);
+        assert_eq!(plan_invoice(&active, &invoice(100, Payment::Failed)).unwrap().status, "past_due");
     }
 
     #[test]
