@@ -155,24 +155,65 @@ async fn a_recording_before_any_status_creates_the_call_once() {
     app.stop().await;
 }
 
+fn leg(status_: &str, seq: &str, second: u32) -> Vec<(String, String)> {
+    let mut p = status("CA99999999999999999999999999999999", status_, seq, second);
+    p.push(("ParentCallSid".into(), CALL.into()));
+    p.retain(|(k, _)| k != "Direction");
+    p.push(("Direction".into(), "outbound-dial".into()));
+    p
+}
+
 #[tokio::test]
-async fn a_leg_with_a_parent_marks_the_parent_transferred_for_good() {
+async fn an_answered_dial_leg_marks_the_parent_transferred_for_good() {
     let app = TestApp::spawn().await;
     let b = app.twilio_business(TOKEN).await;
-    let leg = "CA99999999999999999999999999999999";
     assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "in-progress", "1", 2)).await, 204);
     app.settled(1).await;
-    let mut leg_ringing = status(leg, "ringing", "0", 5);
-    leg_ringing.push(("ParentCallSid".into(), CALL.into()));
-    assert_eq!(post(&app, b, "call-status", TOKEN, &leg_ringing).await, 204);
+    // A ringing leg is not yet a transfer.
+    assert_eq!(post(&app, b, "call-status", TOKEN, &leg("ringing", "0", 4)).await, 204);
     app.settled(2).await;
-    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "completed", "4", 30)).await, 204);
+    assert_eq!(calls_of(&app.pool, b).await[0].status, "in-progress");
+    assert_eq!(post(&app, b, "call-status", TOKEN, &leg("in-progress", "1", 5)).await, 204);
     app.settled(3).await;
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "completed", "4", 30)).await, 204);
+    app.settled(4).await;
     let rows = calls_of(&app.pool, b).await;
     assert_eq!(rows.len(), 1, "the leg has no row of its own: {rows:?}");
     assert_eq!(rows[0].status, "transferred");
     assert_eq!(rows[0].end_time, Some(at(30)));
     assert_eq!(rows[0].duration.as_deref(), Some("2:05"));
+    app.stop().await;
+}
+
+/// Twilio's default leg event is `completed`, whatever the leg's end: here `busy`
+/// and then `no-answer` (a second attempt); nobody took the call.
+#[tokio::test]
+async fn a_busy_or_unanswered_dial_leg_leaves_the_parent_as_it_is() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "in-progress", "1", 2)).await, 204);
+    assert_eq!(post(&app, b, "call-status", TOKEN, &leg("busy", "2", 6)).await, 204);
+    let mut second = leg("no-answer", "2", 9);
+    for (k, v) in &mut second {
+        if k == "CallSid" {
+            *v = "CA88888888888888888888888888888888".into();
+        }
+    }
+    assert_eq!(post(&app, b, "call-status", TOKEN, &second).await, 204);
+    app.settled(3).await;
+    assert_eq!(calls_of(&app.pool, b).await[0].status, "in-progress");
+    assert_eq!(post(&app, b, "call-status", TOKEN, &status(CALL, "completed", "4", 30)).await, 204);
+    app.settled(4).await;
+    let rows = calls_of(&app.pool, b).await;
+    assert_eq!(rows.len(), 1, "a leg has no row of its own: {rows:?}");
+    assert_eq!(rows[0].status, "completed");
+    let outcomes: Vec<(String,)> =
+        sqlx::query_as("SELECT outcome FROM webhook_worker.inbox WHERE outcome <> 'applied'")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert!(outcomes.iter().all(|(o,)| o.contains("nobody answered")), "{outcomes:?}");
     app.stop().await;
 }
 

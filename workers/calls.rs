@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 
 use super::{Applier, ApplyError, Outcome};
 use crate::events::BusinessId;
-use crate::events::twilio::{CallStatusEvent, RecordingEvent, TranscriptionEvent};
+use crate::events::twilio::{CallStatus, CallStatusEvent, RecordingEvent, TranscriptionEvent};
 use crate::events::{Envelope, Event, Family};
 
 /// What the worker knows of one call, read under a row lock.
@@ -109,6 +109,9 @@ pub async fn apply_status(
 ) -> Result<Outcome, ApplyError> {
     let at = naive(e.timestamp.unwrap_or(received_at));
     if let Some(parent) = &e.parent_call_sid {
+        if !leg_was_answered(e.status) {
+            return Ok(Outcome::Ignored("a <Dial> leg that nobody answered leaves its parent as it is"));
+        }
         return mark_transferred(tx, writes, business, parent, at).await;
     }
     let call = writes.call(tx, business, &e.call_sid).await?;
@@ -118,7 +121,15 @@ pub async fn apply_status(
     Ok(if applied { Outcome::Applied } else { Outcome::Ignored("older than the call's current status") })
 }
 
-/// A leg with a `ParentCallSid` handed the caller to a person: the parent call
+/// Whether a `<Dial>` leg reached a person: answered (`in-progress`) or ended
+/// after an answer (`completed`). A leg that was `busy`, `no-answer`, `failed` or
+/// `canceled` (Twilio's default `completed` event carries these too) handed
+/// nobody the call; `queued`, `initiated` and `ringing` have not yet.
+pub fn leg_was_answered(status: CallStatus) -> bool {
+    matches!(status, CallStatus::InProgress | CallStatus::Completed)
+}
+
+/// An answered leg (see [`leg_was_answered`]) handed the caller to a person: the parent call
 /// becomes `transferred` for good, and the leg gets no row of its own. A leg
 /// that arrives before its parent creates the parent's row, so the order of
 /// arrival does not matter.
@@ -350,7 +361,6 @@ async fn write_call(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::twilio::CallStatus;
 
     fn at(secs: u32) -> NaiveDateTime {
         chrono::NaiveDate::from_ymd_opt(2025, 11, 25).unwrap().and_hms_opt(12, 0, secs).unwrap()
@@ -443,6 +453,17 @@ mod tests {
             assert_eq!(merged, written, "{perm:?}");
             assert_eq!(merged.status, Some("completed"));
             assert_eq!(merged.start_time, Some(at(0)));
+        }
+    }
+
+    #[test]
+    fn only_an_answered_leg_transfers_its_parent() {
+        use CallStatus::*;
+        for s in [InProgress, Completed] {
+            assert!(leg_was_answered(s), "{s:?}");
+        }
+        for s in [Queued, Initiated, Ringing, Busy, NoAnswer, Failed, Canceled] {
+            assert!(!leg_was_answered(s), "{s:?}");
         }
     }
 
