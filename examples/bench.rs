@@ -128,6 +128,8 @@ struct Expect {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // reqwest is built without a TLS provider of its own.
+    micro8gents::twilio_api::install_crypto_provider();
     let args = Args::parse();
     let id = uuid::Uuid::new_v4().simple().to_string();
     let db_name = format!("m8_bench_{}", &id[..12]);

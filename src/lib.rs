@@ -7,7 +7,8 @@
 //! - `bus`: how it is carried (RabbitMQ topology, connection, confirmed publishing);
 //! - `workers/` (top level): what applies (consumers, one module per event family);
 //! - `store`: what stores (pool, migrations, secret lookups);
-//! - `providers`: who sends (the one registry of providers and their families).
+//! - `providers`: who sends (the one registry of providers and their families);
+//! - `twilio_api`: the one client of Twilio's REST API (used by the calls worker only).
 
 pub mod app;
 pub mod bus;
@@ -19,6 +20,7 @@ pub mod providers;
 pub mod store;
 pub mod telemetry;
 pub mod trace;
+pub mod twilio_api;
 pub mod verify;
 #[path = "../workers/mod.rs"]
 pub mod workers;

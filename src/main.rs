@@ -93,6 +93,8 @@ enum DlqCommand {
 }
 
 fn main() -> ExitCode {
+    // Before any HTTP client (the OTLP exporter's, Twilio's API) is built.
+    micro8gents::twilio_api::install_crypto_provider();
     let cli = Cli::parse();
     let cfg = match Config::from_env() {
         Ok(cfg) => cfg,

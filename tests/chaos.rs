@@ -166,6 +166,7 @@ async fn every_answered_event_is_applied_exactly_once_through_a_broker_restart_a
     let first_worker = fleet.spawn("work");
     fleet.spawn("work");
     let base = format!("http://127.0.0.1:{port}");
+    micro8gents::twilio_api::install_crypto_provider();
     let http = reqwest::Client::new();
     wait_ready(&http, &base).await;
 

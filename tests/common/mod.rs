@@ -134,7 +134,10 @@ impl TestApp {
             base,
             pool,
             cfg,
-            http: reqwest::Client::new(),
+            http: {
+                micro8gents::twilio_api::install_crypto_provider();
+                reqwest::Client::new()
+            },
             pg_proxy,
             amqp_proxy,
             db_name,
