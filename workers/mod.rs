@@ -21,6 +21,7 @@ pub mod bookings;
 pub mod calls;
 pub mod consumer;
 pub mod settle;
+pub mod transcripts;
 
 use std::future::Future;
 use std::sync::Arc;

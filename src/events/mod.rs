@@ -6,6 +6,7 @@
 
 pub mod n8n;
 pub mod stripe;
+pub mod transcription;
 pub mod twilio;
 
 use chrono::{DateTime, Utc};
