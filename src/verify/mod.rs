@@ -19,6 +19,9 @@ pub enum VerifyError {
     Mismatch,
     #[error("the bodySHA256 query parameter does not match the body")]
     BodyHashMismatch,
+    /// The request says it is signed with a Twilio shared key, and the business has none.
+    #[error("the request names a Twilio shared key, and the business has none in config.shared_keys")]
+    NoSharedKey,
 }
 
 impl VerifyError {
@@ -30,6 +33,7 @@ impl VerifyError {
             Self::MalformedHeader(_) => "malformed_signature",
             Self::TimestampOutOfTolerance(_) => "timestamp_out_of_tolerance",
             Self::Mismatch | Self::BodyHashMismatch => "invalid_signature",
+            Self::NoSharedKey => "no_shared_key",
         }
     }
 }

@@ -56,6 +56,48 @@ pub fn algorithm_from_settings(header: Option<&str>) -> Result<Algorithm, Verify
     }
 }
 
+/// A shared key of a Webhooks Rule (`config.shared_keys` of the business's integration).
+#[derive(Debug, Clone, Copy)]
+pub struct SharedKey<'a> {
+    /// The `key=` value Twilio names in the settings header.
+    pub id: &'a str,
+    pub secret: &'a str,
+}
+
+/// The `key=` value of X-Twilio-Webhooks-Signature-Settings, if it names one.
+pub fn shared_key_id(header: &str) -> Option<&str> {
+    header
+        .split(',')
+        .filter_map(|item| item.split_once('='))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("key"))
+        .map(|(_, value)| value.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// The keys a signature may have been made with (CONTRACT section 3).
+///
+/// Without the settings header: the auth tokens. With it, SharedKey signing: the
+/// shared key whose id the header names, else (no match, or no `key=`) every
+/// shared key, as during a rotation. A business with no shared key cannot have
+/// signed so: [`VerifyError::NoSharedKey`], and no MAC is computed.
+pub fn signing_keys<'a>(
+    settings: Option<&str>,
+    auth_tokens: &[&'a str],
+    shared: &[SharedKey<'a>],
+) -> Result<Vec<&'a str>, VerifyError> {
+    let Some(header) = settings else {
+        return Ok(auth_tokens.to_vec());
+    };
+    if shared.is_empty() {
+        return Err(VerifyError::NoSharedKey);
+    }
+    let named = shared_key_id(header).map(|id| shared.iter().filter(|k| k.id == id).map(|k| k.secret).collect());
+    Ok(match named {
+        Some(keys) if !Vec::<&str>::is_empty(&keys) => keys,
+        _ => shared.iter().map(|k| k.secret).collect(),
+    })
+}
+
 /// base64(HMAC(key, url + sorted(name+value) ...)) exactly as Twilio's SDKs compute it:
 /// params sorted by name (byte order), multi-valued names de-duplicated and their values sorted.
 pub fn compute_signature(key: &str, url: &str, params: &[(String, String)], alg: Algorithm) -> String {
@@ -655,6 +697,49 @@ mod tests {
         ] {
             assert_eq!(sha1_form(U, &p(), bad), malformed, "{bad:?}");
         }
+    }
+
+    // ---- SharedKey signing (Webhooks Rules) -------------------------------------------------
+
+    const SETTINGS: &str = "key=KS00000000000000000000000000000001,algorithm=HMAC_SHA256";
+
+    fn shared<'a>(list: &[(&'a str, &'a str)]) -> Vec<SharedKey<'a>> {
+        list.iter().map(|(id, secret)| SharedKey { id, secret }).collect()
+    }
+
+    #[test]
+    fn without_the_settings_header_the_auth_token_signs() {
+        let keys = signing_keys(None, &["token"], &shared(&[("KS1", "shared")])).unwrap();
+        assert_eq!(keys, ["token"]);
+    }
+
+    #[test]
+    fn the_named_shared_key_signs_and_the_auth_token_does_not() {
+        let ks = shared(&[("KS00000000000000000000000000000001", TOKEN), ("KS2", "other")]);
+        let keys = signing_keys(Some(SETTINGS), &["auth-token"], &ks).unwrap();
+        assert_eq!(keys, [TOKEN]);
+        let sig = "033hgUJA9M/hXIZsYjwkerEP/DBm35nEri5FhCYjA5s=";
+        let alg = algorithm_from_settings(Some(SETTINGS)).unwrap();
+        assert_eq!(verify_form(&keys, U, &p(), Some(sig), alg), Ok(()));
+        // The auth token is no longer a key once the header says SharedKey.
+        let wrong = shared(&[("KS00000000000000000000000000000001", "auth-token")]);
+        let keys = signing_keys(Some(SETTINGS), &[TOKEN], &wrong).unwrap();
+        assert_eq!(verify_form(&keys, U, &p(), Some(sig), alg), Err(VerifyError::Mismatch));
+    }
+
+    #[test]
+    fn with_no_id_match_every_shared_key_is_tried() {
+        let ks = shared(&[("KSold", "old"), ("KSnew", TOKEN)]);
+        assert_eq!(signing_keys(Some("key=KSunknown,algorithm=HMAC_SHA256"), &[], &ks).unwrap(), ["old", TOKEN]);
+        assert_eq!(signing_keys(Some("algorithm=HMAC_SHA256"), &[], &ks).unwrap(), ["old", TOKEN]);
+        assert_eq!(shared_key_id("algorithm=HMAC_SHA1, key = KS9 "), Some("KS9"));
+        assert_eq!(shared_key_id("key=,algorithm=HMAC_SHA1"), None);
+    }
+
+    #[test]
+    fn a_shared_key_named_where_none_is_configured_is_refused() {
+        assert_eq!(signing_keys(Some(SETTINGS), &[TOKEN], &[]), Err(VerifyError::NoSharedKey));
+        assert_eq!(VerifyError::NoSharedKey.code(), "no_shared_key");
     }
 
     #[test]
