@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod twilio_api;
 
 use std::collections::HashMap;
 use std::future::Future;
