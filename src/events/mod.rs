@@ -46,6 +46,10 @@ pub enum Event {
     TwilioCallStatus(twilio::CallStatusEvent),
     TwilioRecording(twilio::RecordingEvent),
     TwilioTranscription(twilio::TranscriptionEvent),
+    /// A Real-Time Transcription callback (`TranscriptionEvent=...`).
+    TwilioRealtime(transcription::RealtimeEvent),
+    /// A Conversational Intelligence "transcript available" webhook.
+    TwilioIntelligence(transcription::IntelligenceEvent),
     N8nBooking(n8n::BookingEvent),
     StripeSubscription(stripe::SubscriptionEvent),
     StripeCheckoutSession(stripe::CheckoutSessionEvent),
@@ -68,7 +72,11 @@ impl From<stripe::Parsed> for Event {
 impl Event {
     pub fn provider(&self) -> Provider {
         match self {
-            Event::TwilioCallStatus(_) | Event::TwilioRecording(_) | Event::TwilioTranscription(_) => Provider::Twilio,
+            Event::TwilioCallStatus(_)
+            | Event::TwilioRecording(_)
+            | Event::TwilioTranscription(_)
+            | Event::TwilioRealtime(_)
+            | Event::TwilioIntelligence(_) => Provider::Twilio,
             Event::N8nBooking(_) => Provider::N8n,
             Event::StripeSubscription(_)
             | Event::StripeCheckoutSession(_)
@@ -87,6 +95,8 @@ impl Event {
             Event::TwilioCallStatus(_) => "twilio_call_status",
             Event::TwilioRecording(_) => "twilio_recording",
             Event::TwilioTranscription(_) => "twilio_transcription",
+            Event::TwilioRealtime(_) => "twilio_realtime_transcription",
+            Event::TwilioIntelligence(_) => "twilio_intelligence_transcript",
             Event::N8nBooking(_) => "n8n_booking",
             Event::StripeSubscription(_) => "stripe_subscription",
             Event::StripeCheckoutSession(_) => "stripe_checkout_session",
@@ -101,6 +111,8 @@ impl Event {
             Event::TwilioCallStatus(e) => Some(&e.call_sid),
             Event::TwilioRecording(e) => Some(&e.call_sid),
             Event::TwilioTranscription(e) => Some(&e.call_sid),
+            Event::TwilioRealtime(e) => Some(&e.call_sid),
+            Event::TwilioIntelligence(e) => e.call_sid(),
             _ => None,
         }
     }
@@ -119,7 +131,11 @@ impl Event {
         match self {
             // A transferred leg locks its parent's call.
             Event::TwilioCallStatus(e) => (Some(e.parent_call_sid.as_deref().unwrap_or(&e.call_sid)), 0, 0),
-            Event::TwilioRecording(_) | Event::TwilioTranscription(_) => (self.call_sid(), 0, 0),
+            Event::TwilioRecording(_) | Event::TwilioTranscription(_) | Event::TwilioRealtime(_) => {
+                (self.call_sid(), 0, 0)
+            }
+            // Its call may be known only from its recording: then by the transcript.
+            Event::TwilioIntelligence(e) => (Some(e.call_sid().unwrap_or(&e.transcript_sid)), 0, 0),
             Event::N8nBooking(e) => (e.booking.external_id.as_deref(), 0, 0),
             Event::StripeCheckoutSession(e) => {
                 let s = &e.object;

@@ -66,6 +66,8 @@ impl ApiError {
                 "unknown_business"
             }
             ApiError::Signature(VerifyError::TimestampOutOfTolerance(_)) => "timestamp",
+            // Counted apart: the business must add its Webhooks Rule's key to config.shared_keys.
+            ApiError::Signature(VerifyError::NoSharedKey) => "no_shared_key",
             ApiError::Signature(_) => "signature",
             ApiError::TooLarge(_) => "too_large",
             ApiError::Malformed(_) | ApiError::Invalid(_) => "validation",

@@ -28,9 +28,9 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::bus::durable::Durable;
 use crate::bus::{Broker, Topology};
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::events::{BusinessId, Envelope, Provider};
-use crate::store::secrets::{Lookup, SecretStore};
+use crate::store::secrets::{Keys, Lookup, SecretStore};
 use crate::telemetry;
 use crate::trace::{TRACEPARENT, TraceParent};
 use crate::verify::VerifyError;
@@ -65,6 +65,9 @@ pub struct Endpoint {
     pub handler: Handler,
 }
 
+/// Twilio may be told to call any of its callbacks with GET (`StatusCallbackMethod=GET`).
+const TWILIO_METHODS: &[Method] = &[Method::POST, Method::GET];
+
 /// Every webhook endpoint. A new one is one line here, its handler, and its
 /// operation in `openapi.json` (which `tests/openapi.rs` checks against this list).
 pub const ENDPOINTS: &[Endpoint] = &[
@@ -72,22 +75,29 @@ pub const ENDPOINTS: &[Endpoint] = &[
         provider: Provider::Twilio,
         name: "call-status",
         path: "/webhooks/twilio/{business_id}/call-status",
-        methods: &[Method::POST],
+        methods: TWILIO_METHODS,
         handler: twilio::call_status,
     },
     Endpoint {
         provider: Provider::Twilio,
         name: "recording",
         path: "/webhooks/twilio/{business_id}/recording",
-        methods: &[Method::POST],
+        methods: TWILIO_METHODS,
         handler: twilio::recording,
     },
     Endpoint {
         provider: Provider::Twilio,
         name: "transcription",
         path: "/webhooks/twilio/{business_id}/transcription",
-        methods: &[Method::POST],
+        methods: TWILIO_METHODS,
         handler: twilio::transcription,
+    },
+    Endpoint {
+        provider: Provider::Twilio,
+        name: "intelligence",
+        path: "/webhooks/twilio/{business_id}/intelligence",
+        methods: TWILIO_METHODS,
+        handler: twilio::intelligence,
     },
     Endpoint {
         provider: Provider::N8n,
@@ -175,6 +185,7 @@ pub struct Incoming {
     pub state: SharedState,
     pub endpoint: &'static Endpoint,
     pub request_id: String,
+    pub method: Method,
     /// The business the path names (endpoints with a `{business_id}` segment).
     pub business: Option<BusinessId>,
     pub uri: Uri,
@@ -268,7 +279,15 @@ async fn run(endpoint: &'static Endpoint, state: SharedState, request: Request) 
         None
     };
     let uri = parts.extensions.get::<OriginalUri>().map_or_else(|| parts.uri.clone(), |o| o.0.clone());
-    let incoming = Incoming { state, endpoint, request_id: request_id.clone(), business, uri, headers: parts.headers };
+    let incoming = Incoming {
+        state,
+        endpoint,
+        request_id: request_id.clone(),
+        method: parts.method,
+        business,
+        uri,
+        headers: parts.headers,
+    };
     match (endpoint.handler)(incoming, RawBody(body)).await {
         Ok(response) => response,
         Err(e) => refuse(&request_id, endpoint, business, e),
@@ -356,13 +375,14 @@ pub async fn verify_with_business_secrets<F>(
     check: F,
 ) -> Result<Verified, ApiError>
 where
-    F: Fn(&[Secret], &[u8]) -> Result<(), VerifyError>,
+    F: Fn(&Keys, &[u8]) -> Result<(), VerifyError>,
 {
     let (state, kind, business) = (&incoming.state, incoming.endpoint.provider, incoming.business()?);
     let cached = state.secrets.get(business, kind).await.map_err(db_unavailable)?;
-    let check = |secrets: &[Secret], bytes: &[u8]| check(secrets, bytes);
+    let check = |keys: &Keys, bytes: &[u8]| check(keys, bytes);
     match check_lookup(&cached, kind, &body, &check) {
-        Err(ApiError::Signature(VerifyError::Mismatch)) => {}
+        // A key saved a moment ago (a rotated token, a first shared key) works at once.
+        Err(ApiError::Signature(VerifyError::Mismatch | VerifyError::NoSharedKey)) => {}
         Ok(()) => return Ok(body.verified()),
         Err(other) => return Err(other),
     }
@@ -373,7 +393,7 @@ where
 
 fn check_lookup<F>(lookup: &Lookup, kind: Provider, body: &Unverified, check: &F) -> Result<(), ApiError>
 where
-    F: Fn(&[Secret], &[u8]) -> Result<(), VerifyError>,
+    F: Fn(&Keys, &[u8]) -> Result<(), VerifyError>,
 {
     match lookup {
         Lookup::UnknownBusiness => Err(ApiError::UnknownBusiness),

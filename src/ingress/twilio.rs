@@ -1,10 +1,17 @@
-//! Twilio's voice status, recording and transcription callbacks.
+//! Twilio's voice status, recording, transcription (`<Record transcribe>` and
+//! Real-Time Transcription) and Conversational Intelligence callbacks.
+//!
+//! Every Twilio endpoint takes POST and GET (`StatusCallbackMethod=GET`): with
+//! GET the parameters are the query string and the signature covers the full
+//! URL alone. A POST is form-encoded, or JSON with `bodySHA256` in the query.
 
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
+use tracing::debug;
 
 use super::{ApiError, Incoming, RawBody, Verified, json_object, verify_with_business_secrets};
+use crate::events::transcription as tr;
 use crate::events::twilio::{self as ev, Params};
 use crate::events::{BusinessId, Envelope, Event};
 use crate::verify::twilio as verify;
@@ -14,6 +21,7 @@ enum Callback {
     CallStatus,
     Recording,
     Transcription,
+    Intelligence,
 }
 
 pub fn call_status(i: Incoming, b: RawBody) -> BoxFuture<'static, Result<Response, ApiError>> {
@@ -28,40 +36,70 @@ pub fn transcription(i: Incoming, b: RawBody) -> BoxFuture<'static, Result<Respo
     Box::pin(receive(Callback::Transcription, i, b))
 }
 
+pub fn intelligence(i: Incoming, b: RawBody) -> BoxFuture<'static, Result<Response, ApiError>> {
+    Box::pin(receive(Callback::Intelligence, i, b))
+}
+
+/// How the parameters travel, which decides what was signed.
+#[derive(Clone, Copy, PartialEq)]
+enum Form {
+    /// GET: the query string is the parameters; the URL alone is signed.
+    Query,
+    /// POST, form-encoded: the URL, then the body's parameters sorted.
+    Body,
+    /// POST, JSON: the URL with `bodySHA256`; the body's hash is checked.
+    Json,
+}
+
 async fn receive(callback: Callback, incoming: Incoming, body: RawBody) -> Result<Response, ApiError> {
     let business = incoming.business()?;
     let body = body.read(&incoming).await?;
     let uri = &incoming.uri;
     let url = format!("{}{}", incoming.state.cfg.public_base_url, uri.path_and_query().map_or("/", |p| p.as_str()));
-    let header = |name: &str| incoming.headers.get(name).and_then(|v| v.to_str().ok());
-    let signature = header(verify::SIGNATURE_HEADER);
-    let alg = verify::algorithm_from_settings(header(verify::SIGNATURE_SETTINGS_HEADER))?;
-    let json_variant =
-        uri.query().is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "bodySHA256"));
+    let signature = incoming.header(verify::SIGNATURE_HEADER)?;
+    let settings = incoming.header(verify::SIGNATURE_SETTINGS_HEADER)?;
+    let alg = verify::algorithm_from_settings(settings)?;
+    let form = if incoming.method == Method::GET {
+        Form::Query
+    } else if uri.query().is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "bodySHA256")) {
+        Form::Json
+    } else {
+        Form::Body
+    };
 
-    let form: Vec<(String, String)> =
-        if json_variant { Vec::new() } else { form_urlencoded::parse(body.signed_bytes()).into_owned().collect() };
-    let body = verify_with_business_secrets(&incoming, body, |secrets, bytes| {
-        let keys: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
-        if json_variant {
-            verify::verify_json(&keys, &url, bytes, signature, alg)
-        } else {
-            verify::verify_form(&keys, &url, &form, signature, alg)
+    let signed: Vec<(String, String)> = match form {
+        Form::Body => form_urlencoded::parse(body.signed_bytes()).into_owned().collect(),
+        Form::Query | Form::Json => Vec::new(),
+    };
+    let body = verify_with_business_secrets(&incoming, body, |keys, bytes| {
+        let keys = verify::signing_keys(settings, &keys.tokens(), &keys.shared_keys())?;
+        match form {
+            Form::Json => verify::verify_json(&keys, &url, bytes, signature, alg),
+            Form::Query | Form::Body => verify::verify_form(&keys, &url, &signed, signature, alg),
         }
     })
     .await?;
 
-    // The form is what was signed; a JSON body is parsed only now.
-    let params = if json_variant { json_params(&body)? } else { form };
-    let (key, event) = parse(callback, business, &Params(&params))?;
+    // Only now, with the signature good, are the query or a JSON body read.
+    let params = match form {
+        Form::Body => signed,
+        Form::Json => json_params(&body)?,
+        Form::Query => form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect(),
+    };
+    let Some((key, event)) = parse(callback, business, &params)? else {
+        // A partial real-time result: verified, valid, and adding nothing. Not carried.
+        debug!(request_id = %incoming.request_id, "partial real-time transcription result; nothing to carry");
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
     let env = Envelope::new(key, Some(business), incoming.request_id.clone(), event);
     incoming.accept(&env).await?;
     // Twilio reads nothing from a status callback's answer; 204 is what it recommends.
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-fn parse(callback: Callback, b: BusinessId, p: &Params) -> Result<(String, Event), ApiError> {
-    Ok(match callback {
+fn parse(callback: Callback, b: BusinessId, params: &[(String, String)]) -> Result<Option<(String, Event)>, ApiError> {
+    let p = &Params(params);
+    Ok(Some(match callback {
         Callback::CallStatus => {
             let e = ev::parse_call_status(p)?;
             (ev::call_status_key(b, &e), Event::TwilioCallStatus(e))
@@ -70,11 +108,22 @@ fn parse(callback: Callback, b: BusinessId, p: &Params) -> Result<(String, Event
             let e = ev::parse_recording(p)?;
             (ev::recording_key(b, &e), Event::TwilioRecording(e))
         }
+        Callback::Transcription if tr::is_realtime(params) => {
+            let e = tr::parse_realtime(params)?;
+            if matches!(e.kind, tr::RealtimeKind::Content { is_final: false, .. }) {
+                return Ok(None);
+            }
+            (tr::realtime_key(b, &e), Event::TwilioRealtime(e))
+        }
         Callback::Transcription => {
             let e = ev::parse_transcription(p)?;
             (ev::transcription_key(b, &e), Event::TwilioTranscription(e))
         }
-    })
+        Callback::Intelligence => {
+            let e = tr::parse_intelligence(params)?;
+            (tr::intelligence_key(b, &e), Event::TwilioIntelligence(e))
+        }
+    }))
 }
 
 /// Twilio's JSON-body variant: a flat object whose values become the parameters.

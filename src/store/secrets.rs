@@ -27,7 +27,63 @@ pub enum Lookup {
     /// usable secret (one that does not parse is logged and left out).
     NoActiveIntegration,
     /// Every active integration's secret (usually one; two during a hand-over).
-    Secrets(Arc<[Secret]>),
+    Secrets(Arc<Keys>),
+}
+
+/// A business's keys for one provider: the secrets (Twilio's auth token, n8n's
+/// `webhook_secret`), and Twilio's shared keys (`config.shared_keys`, for
+/// SharedKey signing). Derefs to the secrets.
+#[derive(Debug, Default)]
+pub struct Keys {
+    pub secrets: Vec<Secret>,
+    /// `(id, secret)` of every well-formed entry of `config.shared_keys`.
+    pub shared: Vec<(String, Secret)>,
+}
+
+impl Keys {
+    pub fn tokens(&self) -> Vec<&str> {
+        self.secrets.iter().map(Secret::expose).collect()
+    }
+
+    pub fn shared_keys(&self) -> Vec<crate::verify::twilio::SharedKey<'_>> {
+        self.shared.iter().map(|(id, s)| crate::verify::twilio::SharedKey { id, secret: s.expose() }).collect()
+    }
+}
+
+impl std::ops::Deref for Keys {
+    type Target = [Secret];
+    fn deref(&self) -> &[Secret] {
+        &self.secrets
+    }
+}
+
+/// `config.shared_keys`: `[{"id": "...", "secret": "..."}]`. An entry without both
+/// is an operator's mistake, said (without the secret) and left out.
+fn shared_keys(business: BusinessId, integration: i32, raw: Option<serde_json::Value>) -> Vec<(String, Secret)> {
+    let Some(raw) = raw.filter(|v| !v.is_null()) else { return Vec::new() };
+    let Some(entries) = raw.as_array() else {
+        warn!(business = business.0, integration, "ignoring config.shared_keys: it is not a list");
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let field = |name: &str| e.get(name).and_then(|v| v.as_str()).filter(|v| !v.is_empty());
+            match (field("id"), field("secret")) {
+                (Some(id), Some(secret)) => Some((id.to_string(), Secret::new(secret))),
+                _ => {
+                    warn!(
+                        business = business.0,
+                        integration,
+                        entry = i,
+                        "ignoring a config.shared_keys entry without both an id and a secret"
+                    );
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 type Key = (BusinessId, Provider);
@@ -83,8 +139,8 @@ impl SecretStore {
     }
 
     async fn read(&self, business: BusinessId, kind: Provider) -> Result<Lookup, sqlx::Error> {
-        let rows: Vec<(Option<i32>, Option<String>)> = sqlx::query_as(
-            "SELECT i.id, i.config ->> $3
+        let rows: Vec<(Option<i32>, Option<String>, Option<serde_json::Value>)> = sqlx::query_as(
+            "SELECT i.id, i.config ->> $3, i.config -> 'shared_keys'
                FROM public.businesses b
                LEFT JOIN public.integrations i
                  ON i.business_id = b.id AND i.type = $2 AND i.status = 'active'
@@ -99,9 +155,14 @@ impl SecretStore {
         if rows.is_empty() {
             return Ok(Lookup::UnknownBusiness);
         }
+        let mut shared = Vec::new();
         let secrets: Vec<Secret> = rows
             .into_iter()
-            .filter_map(|(integration, s)| Some((integration?, s?)))
+            .filter_map(|(integration, s, keys)| {
+                let integration = integration?;
+                shared.extend(shared_keys(business, integration, keys));
+                Some((integration, s?))
+            })
             .filter(|(_, s)| !s.is_empty())
             .filter(|(integration, s)| match kind.secret().map_or(Ok(()), |f| (f.check)(s)) {
                 Ok(()) => true,
@@ -122,6 +183,6 @@ impl SecretStore {
         if secrets.is_empty() {
             return Ok(Lookup::NoActiveIntegration);
         }
-        Ok(Lookup::Secrets(secrets.into()))
+        Ok(Lookup::Secrets(Arc::new(Keys { secrets, shared })))
     }
 }
