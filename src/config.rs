@@ -88,6 +88,12 @@ pub struct Config {
     pub log_json: bool,
     /// Where a `work` process serves `/metrics`, `/healthz` and `/readyz`; none if unset.
     pub metrics_addr: Option<SocketAddr>,
+    /// Twilio's REST API base (`TWILIO_API_URL`), no trailing slash.
+    pub twilio_api_url: String,
+    /// Twilio's Intelligence API base (`TWILIO_INTELLIGENCE_URL`), no trailing slash.
+    pub twilio_intelligence_url: String,
+    /// Connect + answer time allowed per request to Twilio's API.
+    pub twilio_api_timeout: Duration,
 }
 
 /// One bad setting, named.
@@ -131,6 +137,9 @@ impl Config {
             shutdown_grace: env.duration("SHUTDOWN_GRACE", "20s")?,
             log_json: env.log_format("LOG_FORMAT")?,
             metrics_addr: env.optional("METRICS_ADDR", "an address like 0.0.0.0:9100")?,
+            twilio_api_url: env.base_url("TWILIO_API_URL", "https://api.twilio.com")?,
+            twilio_intelligence_url: env.base_url("TWILIO_INTELLIGENCE_URL", "https://intelligence.twilio.com")?,
+            twilio_api_timeout: env.duration("TWILIO_API_TIMEOUT", "10s")?,
         };
         Ok(cfg)
     }
@@ -163,6 +172,9 @@ impl Config {
             ("SHUTDOWN_GRACE", fmt_duration(self.shutdown_grace)),
             ("LOG_FORMAT", if self.log_json { "json" } else { "text" }.to_string()),
             ("METRICS_ADDR", self.metrics_addr.map_or_else(|| "(unset)".into(), |a| a.to_string())),
+            ("TWILIO_API_URL", self.twilio_api_url.clone()),
+            ("TWILIO_INTELLIGENCE_URL", self.twilio_intelligence_url.clone()),
+            ("TWILIO_API_TIMEOUT", fmt_duration(self.twilio_api_timeout)),
         ]
     }
 }

@@ -11,6 +11,7 @@ use super::{Applier, ApplyError, Outcome};
 use crate::events::BusinessId;
 use crate::events::twilio::{CallStatus, CallStatusEvent, RecordingEvent, TranscriptionEvent};
 use crate::events::{Envelope, Event, Family};
+use super::transcripts::Source;
 
 /// What the worker knows of one call, read under a row lock.
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
@@ -20,6 +21,29 @@ pub struct CallState {
     pub reached_final: bool,
     pub transferred: bool,
     pub first_event_at: Option<NaiveDateTime>,
+    /// Which source the stored transcript came from (see [`Source`]).
+    pub transcript_source: Option<String>,
+}
+
+impl CallState {
+    pub fn transcript_source(&self) -> Option<Source> {
+        self.transcript_source.as_deref().and_then(Source::parse)
+    }
+}
+
+/// What a call's events did that a notice may report (`call.ended`,
+/// `call.transcript_ready`). Gathered per call in [`PendingCall::happened`] while
+/// the batch is applied, so it is known in the transaction that commits it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Happened {
+    /// `calls.transcript` was stored from this source.
+    TranscriptStored(Source),
+    /// A Real-Time Transcription session stopped; `with_text` if it gave any segment.
+    RealtimeSessionStopped { with_text: bool },
+    /// The call's status became final (`completed` or `missed`).
+    BecameFinal,
+    /// An answered `<Dial>` leg made the call `transferred`.
+    Transferred,
 }
 
 /// The columns of `public.calls` to set; `None` leaves a column as it is.
@@ -117,6 +141,9 @@ pub async fn apply_status(
     let call = writes.call(tx, business, &e.call_sid).await?;
     let (change, next) = plan_status(&call.state, e, at);
     let applied = change.status.is_some();
+    if next.reached_final && !call.state.reached_final {
+        call.happened.push(Happened::BecameFinal);
+    }
     call.record(change, next);
     Ok(if applied { Outcome::Applied } else { Outcome::Ignored("older than the call's current status") })
 }
@@ -147,6 +174,9 @@ async fn mark_transferred(
         ..Default::default()
     };
     let next = CallState { transferred: true, ..call.state.clone() };
+    if !call.state.transferred {
+        call.happened.push(Happened::Transferred);
+    }
     call.record(change, next);
     Ok(Outcome::Applied)
 }
@@ -158,6 +188,7 @@ pub async fn apply_recording(
     e: &RecordingEvent,
     received_at: DateTime<Utc>,
 ) -> Result<Outcome, ApplyError> {
+    super::transcripts::remember_recording(tx, business, &e.recording_sid, &e.call_sid).await?;
     let Some(url) = e.url.as_ref().filter(|_| e.status == "completed") else {
         return Ok(Outcome::Ignored("recording not completed"));
     };
@@ -183,13 +214,9 @@ pub async fn apply_transcription(
         return Ok(Outcome::Ignored("transcription not completed"));
     };
     let call = writes.call(tx, business, &e.call_sid).await?;
-    let change = CallChange {
-        transcript: Some(text.clone()),
-        start_time: (!call.row_exists()).then(|| naive(received_at)),
-        ..Default::default()
-    };
-    let next = call.state.clone();
-    call.record(change, next);
+    if !call.store_transcript(Source::Record, Some(text.clone()), received_at) {
+        return Ok(Outcome::Ignored("a transcript from a higher source is kept"));
+    }
     Ok(Outcome::Applied)
 }
 
@@ -205,6 +232,8 @@ pub async fn apply_transcription(
 #[derive(Debug, Default)]
 pub struct CallWrites {
     calls: Vec<PendingCall>,
+    /// Twilio's REST API, for Intelligence transcripts; `None` where the worker has none.
+    pub twilio: Option<std::sync::Arc<crate::twilio_api::TwilioApi>>,
 }
 
 #[derive(Debug)]
@@ -217,6 +246,8 @@ pub struct PendingCall {
     pub state: CallState,
     change: CallChange,
     recorded: bool,
+    /// What this batch's events did to the call, in order (see [`Happened`]).
+    pub happened: Vec<Happened>,
 }
 
 impl PendingCall {
@@ -230,6 +261,28 @@ impl PendingCall {
         merge(&mut self.change, change);
         self.state = next;
         self.recorded = true;
+    }
+
+    /// Stores `text` as the call's transcript from `source`, unless a higher
+    /// source's is stored (CONTRACT section 4): the one place a transcript is
+    /// decided, and so where [`Happened::TranscriptStored`] is known. Without
+    /// text, only the call's row is made (a transcript's callback may be the
+    /// call's first). Whether the source may store.
+    pub fn store_transcript(&mut self, source: Source, text: Option<String>, at: DateTime<Utc>) -> bool {
+        let allowed = source.may_replace(self.state.transcript_source());
+        let text = text.filter(|_| allowed);
+        let mut next = self.state.clone();
+        if text.is_some() {
+            next.transcript_source = Some(source.as_str().to_string());
+            self.happened.push(Happened::TranscriptStored(source));
+        }
+        let change = CallChange {
+            start_time: (!self.row_exists()).then(|| naive(at)),
+            transcript: text,
+            ..Default::default()
+        };
+        self.record(change, next);
+        allowed
     }
 }
 
@@ -254,6 +307,7 @@ impl CallWrites {
                     locked,
                     change: CallChange::default(),
                     recorded: false,
+                    happened: Vec::new(),
                 });
                 self.calls.len() - 1
             }
@@ -261,7 +315,9 @@ impl CallWrites {
         Ok(&mut self.calls[i])
     }
 
-    /// Sends each call's merged change: one statement per call.
+    /// Sends each call's merged change: one statement per call. Each call's
+    /// [`PendingCall::happened`] is known here, inside the transaction that
+    /// commits it: the place to decide a notice about it.
     pub async fn flush(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
         for c in self.calls.drain(..).filter(|c| c.recorded) {
             write_call(tx, c.business, &c.call_sid, &c.locked, &c.change, &c.state).await?;
@@ -293,7 +349,7 @@ async fn lock_call(tx: &mut PgConnection, business: BusinessId, call_sid: &str) 
     sqlx::query_as(
         "INSERT INTO webhook_worker.twilio_calls (business_id, call_sid) VALUES ($1, $2)
          ON CONFLICT (business_id, call_sid) DO UPDATE SET call_sid = EXCLUDED.call_sid
-         RETURNING call_id, last_sequence, reached_final, transferred, first_event_at",
+         RETURNING call_id, last_sequence, reached_final, transferred, first_event_at, transcript_source",
     )
     .bind(business.0)
     .bind(call_sid)
@@ -318,7 +374,8 @@ async fn write_call(
                     $6, $7, $8, $9, $10, $11)
             RETURNING id)
          UPDATE webhook_worker.twilio_calls m
-            SET call_id = c.id, last_sequence = $12, reached_final = $13, transferred = $14, first_event_at = $15
+            SET call_id = c.id, last_sequence = $12, reached_final = $13, transferred = $14, first_event_at = $15,
+                transcript_source = $16
            FROM c WHERE m.business_id = $1 AND m.call_sid = $2"
     } else {
         "WITH c AS (
@@ -334,7 +391,8 @@ async fn write_call(
              WHERE id = $3
             RETURNING id)
          UPDATE webhook_worker.twilio_calls m
-            SET last_sequence = $12, reached_final = $13, transferred = $14, first_event_at = $15
+            SET last_sequence = $12, reached_final = $13, transferred = $14, first_event_at = $15,
+                transcript_source = $16
           WHERE m.business_id = $1 AND m.call_sid = $2"
     };
     sqlx::query(sql)
@@ -353,6 +411,7 @@ async fn write_call(
         .bind(next.reached_final)
         .bind(next.transferred)
         .bind(next.first_event_at)
+        .bind(next.transcript_source.as_deref())
         .execute(&mut *tx)
         .await?;
     Ok(())

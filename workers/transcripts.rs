@@ -6,9 +6,15 @@
 //! worker's schema, and the text is recomputed from all of them each time one
 //! arrives, so it is a function of the events received, whatever their order.
 
-use chrono::NaiveDateTime;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::PgConnection;
 
-use crate::events::transcription::Track;
+use super::calls::{CallWrites, Happened};
+use super::{ApplyError, Outcome};
+use crate::config::Secret;
+use crate::events::BusinessId;
+use crate::events::transcription::{IntelligenceEvent, RealtimeEvent, RealtimeKind, Track, is_twilio_sid};
+use crate::twilio_api::{self, ApiFailure, Credentials, TwilioApi};
 
 /// Where a call's transcript came from, lowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -136,6 +142,359 @@ pub fn intelligence_text(lines: &[Line]) -> Option<String> {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+// ---- applying ----------------------------------------------------------------------------
+
+/// A Real-Time Transcription event: its session and (a final one) its segment
+/// are kept, then the call's text is recomputed from every segment kept. The
+/// first callback of a call makes its row.
+pub async fn apply_realtime(
+    tx: &mut PgConnection,
+    writes: &mut CallWrites,
+    business: BusinessId,
+    e: &RealtimeEvent,
+    received_at: DateTime<Utc>,
+) -> Result<Outcome, ApplyError> {
+    match &e.kind {
+        RealtimeKind::Error { .. } => return Ok(Outcome::Ignored("a transcription-error adds no text")),
+        RealtimeKind::Content { is_final: false, .. } => return Ok(Outcome::Ignored("a partial result adds no text")),
+        _ => {}
+    }
+    let at = e.timestamp.unwrap_or(received_at).naive_utc();
+    // The call's lock first: two workers with segments of one call take turns,
+    // and the second recomputes with the first one's segment committed.
+    writes.call(tx, business, &e.call_sid).await?;
+    record_session(tx, business, e, at).await?;
+    if let Some((track, text)) = e.segment() {
+        sqlx::query(
+            "INSERT INTO webhook_worker.transcript_segments (business_id, session_sid, sequence_id, call_sid, track, text)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(business.0)
+        .bind(&e.session_sid)
+        .bind(e.sequence_id)
+        .bind(&e.call_sid)
+        .bind(track.as_str())
+        .bind(text)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let (sessions, segments) = realtime_pieces(tx, business, &e.call_sid).await?;
+    let call = writes.call(tx, business, &e.call_sid).await?;
+    if matches!(e.kind, RealtimeKind::Stopped) {
+        let with_text = segments.iter().any(|g| g.session_sid == e.session_sid);
+        call.happened.push(Happened::RealtimeSessionStopped { with_text });
+    }
+    call.store_transcript(Source::Realtime, realtime_text(&sessions, &segments), received_at);
+    Ok(Outcome::Applied)
+}
+
+/// Creates or updates the session: its earliest time, its labels (only
+/// `transcription-started` carries them), whether it stopped.
+async fn record_session(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    e: &RealtimeEvent,
+    at: NaiveDateTime,
+) -> Result<(), sqlx::Error> {
+    let (started, inbound, outbound) = match &e.kind {
+        RealtimeKind::Started { inbound_label, outbound_label } => (true, inbound_label.clone(), outbound_label.clone()),
+        _ => (false, None, None),
+    };
+    sqlx::query(
+        "INSERT INTO webhook_worker.transcript_sessions
+             (business_id, session_sid, call_sid, first_at, inbound_label, outbound_label, stopped)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (business_id, session_sid) DO UPDATE SET
+             first_at = LEAST(transcript_sessions.first_at, EXCLUDED.first_at),
+             inbound_label = CASE WHEN $8 THEN EXCLUDED.inbound_label ELSE transcript_sessions.inbound_label END,
+             outbound_label = CASE WHEN $8 THEN EXCLUDED.outbound_label ELSE transcript_sessions.outbound_label END,
+             stopped = transcript_sessions.stopped OR EXCLUDED.stopped",
+    )
+    .bind(business.0)
+    .bind(&e.session_sid)
+    .bind(&e.call_sid)
+    .bind(at)
+    .bind(inbound)
+    .bind(outbound)
+    .bind(matches!(e.kind, RealtimeKind::Stopped))
+    .bind(started)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn realtime_pieces(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    call_sid: &str,
+) -> Result<(Vec<Session>, Vec<Segment>), sqlx::Error> {
+    let sessions: Vec<Session> = sqlx::query_as(
+        "SELECT session_sid, first_at, inbound_label, outbound_label
+           FROM webhook_worker.transcript_sessions WHERE business_id = $1 AND call_sid = $2",
+    )
+    .bind(business.0)
+    .bind(call_sid)
+    .fetch_all(&mut *tx)
+    .await?;
+    let rows: Vec<(String, i64, String, String)> = sqlx::query_as(
+        "SELECT session_sid, sequence_id, track, text
+           FROM webhook_worker.transcript_segments WHERE business_id = $1 AND call_sid = $2",
+    )
+    .bind(business.0)
+    .bind(call_sid)
+    .fetch_all(&mut *tx)
+    .await?;
+    let segments = rows
+        .into_iter()
+        .map(|(session_sid, sequence_id, track, text)| Segment {
+            session_sid,
+            sequence_id,
+            track: if track == "outbound_track" { Track::Outbound } else { Track::Inbound },
+            text,
+        })
+        .collect();
+    Ok((sessions, segments))
+}
+
+/// Keeps which call a recording belongs to (any status), for Intelligence transcripts of it.
+pub async fn remember_recording(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    recording_sid: &str,
+    call_sid: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO webhook_worker.twilio_recordings (business_id, recording_sid, call_sid)
+         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(business.0)
+    .bind(recording_sid)
+    .bind(call_sid)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// An Intelligence "transcript available" webhook: the transcript is read from
+/// Twilio's API with the business's credentials, its sentences kept, and the
+/// call's text recomputed. Still being made: tried again later (the retry
+/// queues' growing delays), then parked with the reason.
+pub async fn apply_intelligence(
+    tx: &mut PgConnection,
+    writes: &mut CallWrites,
+    business: BusinessId,
+    e: &IntelligenceEvent,
+    received_at: DateTime<Utc>,
+) -> Result<Outcome, ApplyError> {
+    if !e.is_transcript_available() {
+        return Ok(Outcome::Ignored("an Intelligence event type that is not applied"));
+    }
+    let Some(api) = writes.twilio.clone() else {
+        return Ok(Outcome::Retry("this worker has no client for Twilio's API".into()));
+    };
+    let creds = match credentials(tx, business, e.account_sid.as_deref()).await? {
+        Ok(creds) => creds,
+        Err(reason) => return Ok(Outcome::Failed(reason)),
+    };
+    // Twilio is asked before any call row is locked.
+    let fetched = match fetch(&api, &creds, tx, business, e).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(ApiFailure::Retry(reason))) => return Ok(Outcome::Retry(reason)),
+        Ok(Err(ApiFailure::Park(reason))) => return Ok(Outcome::Failed(reason)),
+        Err(db) => return Err(db.into()),
+    };
+    store_sentences(tx, business, &e.transcript_sid, &fetched).await?;
+    writes.call(tx, business, &fetched.call_sid).await?;
+    let text = newest_intelligence_text(tx, business, &fetched.call_sid).await?;
+    let call = writes.call(tx, business, &fetched.call_sid).await?;
+    call.store_transcript(Source::Intelligence, text, received_at);
+    Ok(Outcome::Applied)
+}
+
+/// What was read of one Intelligence transcript.
+#[derive(Debug)]
+struct Fetched {
+    call_sid: String,
+    date_created: Option<String>,
+    lines: Vec<Line>,
+}
+
+/// The business's Twilio credentials: `config.account_sid` (else the webhook's
+/// `account_sid`) and `config.auth_token`. `Err` is the reason to park.
+async fn credentials(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    webhook_account: Option<&str>,
+) -> Result<Result<Credentials, String>, sqlx::Error> {
+    let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT config ->> 'account_sid', config ->> 'auth_token' FROM public.integrations
+          WHERE business_id = $1 AND type = 'twilio' AND status = 'active' ORDER BY id DESC LIMIT 1",
+    )
+    .bind(business.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((account, token)) = row else {
+        return Ok(Err(format!("business {business} has no active Twilio integration")));
+    };
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Ok(Err(format!("business {business}'s Twilio integration has no auth_token")));
+    };
+    let account = account.filter(|a| is_twilio_sid(a, "AC")).or_else(|| webhook_account.map(str::to_string));
+    let Some(account_sid) = account else {
+        return Ok(Err(format!("business {business}'s Twilio integration has no account_sid (AC...) in its config")));
+    };
+    Ok(Ok(Credentials { account_sid, auth_token: Secret::new(token) }))
+}
+
+/// Reads the transcript, finds its call, reads every sentence.
+async fn fetch(
+    api: &TwilioApi,
+    creds: &Credentials,
+    tx: &mut PgConnection,
+    business: BusinessId,
+    e: &IntelligenceEvent,
+) -> Result<Result<Fetched, ApiFailure>, sqlx::Error> {
+    let sid = &e.transcript_sid;
+    let t = match api.transcript(creds, sid).await {
+        Ok(t) => t,
+        Err(f) => return Ok(Err(f)),
+    };
+    match t.status.as_str() {
+        "completed" => {}
+        "failed" | "canceled" | "error" => {
+            return Ok(Err(ApiFailure::Park(format!("transcript {sid} ended {}, with no text", t.status))));
+        }
+        other => return Ok(Err(ApiFailure::Retry(format!("transcript {sid} is {other}, not completed yet")))),
+    }
+    let channel = t.channel.clone().unwrap_or_default();
+    let call_sid = match call_of(api, creds, tx, business, e, &t).await? {
+        Ok(c) => c,
+        Err(f) => return Ok(Err(f)),
+    };
+    let sentences = match api.sentences(creds, sid).await {
+        Ok(s) => s,
+        Err(f) => return Ok(Err(f)),
+    };
+    let participants: Vec<Participant> = channel
+        .participants
+        .iter()
+        .map(|p| Participant { channel_participant: p.channel_participant, role: p.role.clone() })
+        .collect();
+    let lines = sentences
+        .iter()
+        .map(|s| Line {
+            index: s.sentence_index,
+            label: sentence_label(&participants, s.media_channel),
+            text: s.transcript.clone(),
+        })
+        .collect();
+    Ok(Ok(Fetched { call_sid, date_created: t.date_created.clone(), lines }))
+}
+
+/// The call: `customer_key` when it is a CallSid (the webhook's, else the
+/// transcript's); else the call of the recording the transcript was made from,
+/// as its recording callback said or as Twilio's API says.
+async fn call_of(
+    api: &TwilioApi,
+    creds: &Credentials,
+    tx: &mut PgConnection,
+    business: BusinessId,
+    e: &IntelligenceEvent,
+    t: &twilio_api::Transcript,
+) -> Result<Result<String, ApiFailure>, sqlx::Error> {
+    let key = e.call_sid().or(t.customer_key.as_deref().filter(|k| is_twilio_sid(k, "CA")));
+    if let Some(call) = key {
+        return Ok(Ok(call.to_string()));
+    }
+    let recording = t.channel.as_ref().and_then(|c| c.media_properties.as_ref()).and_then(|m| m.source_sid.as_deref());
+    let Some(recording) = recording.filter(|r| is_twilio_sid(r, "RE")) else {
+        return Ok(Err(ApiFailure::Park(format!(
+            "transcript {}: customer_key is not a CallSid and it names no recording",
+            e.transcript_sid
+        ))));
+    };
+    let known: Option<(String,)> = sqlx::query_as(
+        "SELECT call_sid FROM webhook_worker.twilio_recordings WHERE business_id = $1 AND recording_sid = $2",
+    )
+    .bind(business.0)
+    .bind(recording)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((call,)) = known {
+        return Ok(Ok(call));
+    }
+    Ok(api.recording_call_sid(creds, recording).await.and_then(|call| {
+        if is_twilio_sid(&call, "CA") {
+            Ok(call)
+        } else {
+            Err(ApiFailure::Park(format!("recording {recording}: call_sid {call:?} is not a CallSid")))
+        }
+    }))
+}
+
+/// Keeps the transcript and its sentences; a transcript read again replaces its sentences.
+async fn store_sentences(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    transcript_sid: &str,
+    f: &Fetched,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO webhook_worker.intelligence_transcripts (business_id, transcript_sid, call_sid, date_created)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (business_id, transcript_sid) DO UPDATE
+            SET call_sid = EXCLUDED.call_sid, date_created = EXCLUDED.date_created, fetched_at = now()",
+    )
+    .bind(business.0)
+    .bind(transcript_sid)
+    .bind(&f.call_sid)
+    .bind(f.date_created.as_deref())
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM webhook_worker.intelligence_sentences WHERE business_id = $1 AND transcript_sid = $2")
+        .bind(business.0)
+        .bind(transcript_sid)
+        .execute(&mut *tx)
+        .await?;
+    let indexes: Vec<i64> = f.lines.iter().map(|l| l.index).collect();
+    let labels: Vec<&str> = f.lines.iter().map(|l| l.label.as_str()).collect();
+    let texts: Vec<&str> = f.lines.iter().map(|l| l.text.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO webhook_worker.intelligence_sentences (business_id, transcript_sid, sentence_index, label, text)
+         SELECT $1, $2, i, l, t FROM UNNEST($3::bigint[], $4::text[], $5::text[]) AS s(i, l, t)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(business.0)
+    .bind(transcript_sid)
+    .bind(&indexes)
+    .bind(&labels)
+    .bind(&texts)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The text of the call's newest Intelligence transcript (by Twilio's `date_created`).
+async fn newest_intelligence_text(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    call_sid: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT s.sentence_index, s.label, s.text FROM webhook_worker.intelligence_sentences s
+          WHERE s.business_id = $1 AND s.transcript_sid = (
+                SELECT transcript_sid FROM webhook_worker.intelligence_transcripts
+                 WHERE business_id = $1 AND call_sid = $2
+                 ORDER BY date_created DESC NULLS LAST, fetched_at DESC, transcript_sid DESC LIMIT 1)",
+    )
+    .bind(business.0)
+    .bind(call_sid)
+    .fetch_all(&mut *tx)
+    .await?;
+    let lines: Vec<Line> = rows.into_iter().map(|(index, label, text)| Line { index, label, text }).collect();
+    Ok(intelligence_text(&lines))
 }
 
 #[cfg(test)]
