@@ -5,25 +5,25 @@
 
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::consumer::Item;
-use super::{Applier, ApplyError, Outcome};
+use super::{Applier, ApplyError, Outcome, WorkerContext};
 use crate::store::inbox;
 
 /// Applies the batch in one transaction, or, if one event fails, each event in
 /// its own. Waits out database outages; `None` means shutdown came first.
 pub async fn apply_all<A: Applier>(
-    pool: &PgPool,
+    ctx: &WorkerContext,
     items: &[Item],
     shutdown: &CancellationToken,
 ) -> Option<Vec<Outcome>> {
     let mut pause = Duration::from_millis(100);
     loop {
-        let result = match apply_in_one_transaction::<A>(pool, items).await {
-            Err(ApplyError::Permanent(_)) => apply_one_by_one::<A>(pool, items).await,
+        let result = match apply_in_one_transaction::<A>(ctx, items).await {
+            Err(ApplyError::Permanent(_)) => apply_one_by_one::<A>(ctx, items).await,
             other => other,
         };
         match result {
@@ -43,13 +43,13 @@ pub async fn apply_all<A: Applier>(
 /// The fast path: the whole batch's keys are claimed in one statement, then
 /// each new event is applied; per-call writes and inbox outcomes are gathered
 /// ([`Deferred`]) and sent once per call and once per batch before the commit.
-async fn apply_in_one_transaction<A: Applier>(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
-    let mut conn = pool.acquire().await?;
+async fn apply_in_one_transaction<A: Applier>(ctx: &WorkerContext, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
+    let mut conn = ctx.pool.acquire().await?;
     let mut tx = conn.begin().await?;
     let entries: Vec<inbox::Entry<'_>> =
         items.iter().filter_map(|i| i.envelope.as_ref().ok().map(|env| (env, i.raw()))).collect();
     let mut fresh = inbox::claim_all(&mut tx, &entries).await?;
-    let mut writes = Deferred::<A>::default();
+    let mut writes = Deferred::<A>::new(ctx);
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         // The first item of a key claimed it; a second copy in the same batch is a duplicate.
@@ -62,12 +62,12 @@ async fn apply_in_one_transaction<A: Applier>(pool: &PgPool, items: &[Item]) -> 
 }
 
 /// The slow path: every event alone, so that a failing one fails only itself.
-async fn apply_one_by_one<A: Applier>(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
-    let mut conn = pool.acquire().await?;
+async fn apply_one_by_one<A: Applier>(ctx: &WorkerContext, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
+    let mut conn = ctx.pool.acquire().await?;
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         let mut tx = conn.begin().await?;
-        let mut writes = Deferred::<A>::default();
+        let mut writes = Deferred::<A>::new(ctx);
         let applied = match apply_item(&mut tx, &mut writes, item).await {
             Ok(o) => writes.flush(&mut tx).await.map(|()| o).map_err(ApplyError::from),
             Err(e) => Err(e),
@@ -131,9 +131,9 @@ struct Deferred<A: Applier> {
     ignored: Vec<(String, &'static str)>,
 }
 
-impl<A: Applier> Default for Deferred<A> {
-    fn default() -> Self {
-        Deferred { family: A::Writes::default(), ignored: Vec::new() }
+impl<A: Applier> Deferred<A> {
+    fn new(ctx: &WorkerContext) -> Self {
+        Deferred { family: A::writes(ctx), ignored: Vec::new() }
     }
 }
 

@@ -7,11 +7,11 @@
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::PgConnection;
 
+use super::transcripts::{self, Source};
 use super::{Applier, ApplyError, Outcome};
 use crate::events::BusinessId;
 use crate::events::twilio::{CallStatus, CallStatusEvent, RecordingEvent, TranscriptionEvent};
 use crate::events::{Envelope, Event, Family};
-use super::transcripts::Source;
 
 /// What the worker knows of one call, read under a row lock.
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
@@ -109,12 +109,20 @@ impl Applier for Calls {
     const FAMILY: Family = Family::Calls;
     type Writes = CallWrites;
 
+    fn writes(ctx: &super::WorkerContext) -> CallWrites {
+        CallWrites { twilio: ctx.twilio_api.clone(), ..Default::default() }
+    }
+
     async fn apply(tx: &mut PgConnection, writes: &mut CallWrites, env: &Envelope) -> Result<Outcome, ApplyError> {
         let at = env.received_at;
         match &env.event {
             Event::TwilioCallStatus(e) => apply_status(tx, writes, super::business_of(env)?, e, at).await,
             Event::TwilioRecording(e) => apply_recording(tx, writes, super::business_of(env)?, e, at).await,
             Event::TwilioTranscription(e) => apply_transcription(tx, writes, super::business_of(env)?, e, at).await,
+            Event::TwilioRealtime(e) => transcripts::apply_realtime(tx, writes, super::business_of(env)?, e, at).await,
+            Event::TwilioIntelligence(e) => {
+                transcripts::apply_intelligence(tx, writes, super::business_of(env)?, e, at).await
+            }
             other => Ok(super::not_of_family(Self::FAMILY, other)),
         }
     }
@@ -276,11 +284,8 @@ impl PendingCall {
             next.transcript_source = Some(source.as_str().to_string());
             self.happened.push(Happened::TranscriptStored(source));
         }
-        let change = CallChange {
-            start_time: (!self.row_exists()).then(|| naive(at)),
-            transcript: text,
-            ..Default::default()
-        };
+        let change =
+            CallChange { start_time: (!self.row_exists()).then(|| naive(at)), transcript: text, ..Default::default() };
         self.record(change, next);
         allowed
     }

@@ -198,7 +198,7 @@ async fn process_batch<A: Applier>(
     items.sort_by(|a, b| lock_key(a).cmp(&lock_key(b)));
 
     let started = std::time::Instant::now();
-    let Some(outcomes) = apply::apply_all::<A>(&ctx.pool, &items, shutdown).await else {
+    let Some(outcomes) = apply::apply_all::<A>(ctx, &items, shutdown).await else {
         // Shutting down while Postgres is away: hand the batch back untouched
         // (never settled, so no later `multiple` ack covers it).
         for item in &items {

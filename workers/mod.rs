@@ -42,6 +42,12 @@ pub trait Applier: Send + Sync + 'static {
     const FAMILY: Family;
     type Writes: Default + Send;
 
+    /// A batch's empty `Writes`, given what the worker process shares (a family
+    /// that calls out, like the calls family to Twilio's API, takes its client here).
+    fn writes(_ctx: &WorkerContext) -> Self::Writes {
+        Self::Writes::default()
+    }
+
     /// Applies one event whose inbox key this transaction has just claimed. An
     /// event that cannot be applied yet is `Outcome::Retry(reason)`; one that
     /// never can is `Outcome::Failed(reason)` (parked); either gives its key back.
@@ -166,6 +172,8 @@ pub struct WorkerContext {
     pub batch_wait: Duration,
     /// Batches of one family applied at once, in lanes by entity (see `WORKER_CONCURRENCY`).
     pub concurrency: usize,
+    /// Twilio's REST API (Intelligence transcripts); `None` if the client could not be built.
+    pub twilio_api: Option<Arc<crate::twilio_api::TwilioApi>>,
 }
 
 impl WorkerContext {
@@ -179,6 +187,21 @@ impl WorkerContext {
             batch_size: cfg.batch_size,
             batch_wait: cfg.batch_wait,
             concurrency: cfg.worker_concurrency,
+            twilio_api: twilio_api(cfg),
+        }
+    }
+}
+
+/// The client of Twilio's REST API. Building one fails only if TLS cannot be
+/// set up; the workers then run and park nothing, Intelligence events wait.
+fn twilio_api(cfg: &Config) -> Option<Arc<crate::twilio_api::TwilioApi>> {
+    let built =
+        crate::twilio_api::TwilioApi::new(&cfg.twilio_api_url, &cfg.twilio_intelligence_url, cfg.twilio_api_timeout);
+    match built {
+        Ok(api) => Some(Arc::new(api)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the client of Twilio's API; Intelligence transcripts will wait");
+            None
         }
     }
 }

@@ -199,7 +199,9 @@ async fn record_session(
     at: NaiveDateTime,
 ) -> Result<(), sqlx::Error> {
     let (started, inbound, outbound) = match &e.kind {
-        RealtimeKind::Started { inbound_label, outbound_label } => (true, inbound_label.clone(), outbound_label.clone()),
+        RealtimeKind::Started { inbound_label, outbound_label } => {
+            (true, inbound_label.clone(), outbound_label.clone())
+        }
         _ => (false, None, None),
     };
     sqlx::query(

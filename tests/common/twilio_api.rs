@@ -34,6 +34,8 @@ struct Data {
     transcripts: HashMap<String, Value>,
     sentences: HashMap<String, Vec<Value>>,
     recordings: HashMap<String, Value>,
+    /// Statuses a transcript shows on its next reads, before its own.
+    statuses: HashMap<String, VecDeque<String>>,
     /// Status codes to answer, in turn, for requests whose path starts with the key.
     failures: Vec<(String, VecDeque<u16>)>,
     seen: Vec<Seen>,
@@ -126,6 +128,12 @@ impl TwilioStandIn {
         d.sentences.insert(sid.into(), sentences);
     }
 
+    /// The transcript shows these statuses on its next reads (one each), then its own.
+    pub fn first_show(&self, sid: &str, statuses: &[&str]) {
+        let queue = statuses.iter().map(|s| s.to_string()).collect();
+        self.data.lock().unwrap().statuses.insert(sid.into(), queue);
+    }
+
     /// Changes a transcript's `status` (e.g. from `in-progress` to `completed`).
     pub fn set_status(&self, sid: &str, status: &str) {
         let mut d = self.data.lock().unwrap();
@@ -200,7 +208,12 @@ async fn transcript(State((data, _)): State<Shared>, Path(sid): Path<String>, he
     if let Some(refused) = admit(&mut d, &format!("/v2/Transcripts/{sid}"), "", &headers) {
         return refused;
     }
-    d.transcripts.get(&sid).map_or_else(not_found, |t| axum::Json(t.clone()).into_response())
+    let shown = d.statuses.get_mut(&sid).and_then(VecDeque::pop_front);
+    let Some(mut t) = d.transcripts.get(&sid).cloned() else { return not_found() };
+    if let Some(status) = shown {
+        t["status"] = json!(status);
+    }
+    axum::Json(t).into_response()
 }
 
 async fn sentences(

@@ -1,0 +1,535 @@
+//! Transcripts through the real stack: signed Real-Time Transcription and
+//! Intelligence callbacks, RabbitMQ, the worker, Twilio's API (a local stand-in
+//! serving its documented shapes) and Postgres.
+
+mod common;
+
+use std::time::Duration;
+
+use common::twilio_api::TwilioStandIn;
+use common::{PUBLIC_BASE_URL, TestApp, calls_of};
+use futures_util::StreamExt;
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use micro8gents::bus::{ERROR_HEADER, header_str};
+use micro8gents::verify::twilio::{Algorithm, compute_signature};
+use serde_json::json;
+use sha2::Digest;
+
+const ACCOUNT: &str = "AC00000000000000000000000000000001";
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+const CALL: &str = "CA11111111111111111111111111111111";
+const RECORDING: &str = "RE22222222222222222222222222222222";
+const GT_A: &str = "GT8fbf72a043b98407a3ce68331cd0030a";
+const GT_B: &str = "GT00000000000000000000000000000bbb";
+const INTEL: &str = "GT00000000000000000000000000000002";
+
+/// The service with Twilio's APIs pointed at a local stand-in.
+async fn spawn() -> (TestApp, TwilioStandIn, i32) {
+    let twilio = TwilioStandIn::start(ACCOUNT, TOKEN).await;
+    let base = twilio.base.clone();
+    let app = TestApp::spawn_with(|v| {
+        v.insert("TWILIO_API_URL".into(), base.clone());
+        v.insert("TWILIO_INTELLIGENCE_URL".into(), base);
+    })
+    .await;
+    let b = app.business().await;
+    app.integration(b, "twilio", json!({"auth_token": TOKEN, "account_sid": ACCOUNT}), "active").await;
+    (app, twilio, b)
+}
+
+fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// One Real-Time Transcription callback, as Twilio form-encodes it.
+fn rt(session: &str, seq: u32, second: u32, event: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut p = owned(&[
+        ("AccountSid", ACCOUNT),
+        ("CallSid", CALL),
+        ("TranscriptionSid", session),
+        ("TranscriptionEvent", event),
+        ("LanguageCode", "en-US"),
+    ]);
+    p.push(("SequenceId".into(), seq.to_string()));
+    p.push(("Timestamp".into(), format!("2025-11-25T12:00:{second:02}.454203Z")));
+    p.extend(owned(extra));
+    p
+}
+
+fn started(session: &str, second: u32, labels: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut extra = vec![
+        ("TranscriptionEngine", "google"),
+        ("Track", "both_tracks"),
+        ("PartialResults", "true"),
+        ("ProviderConfiguration", "{\"profanityFilter\":\"true\",\"speechModel\":\"telephony\"}"),
+    ];
+    extra.extend_from_slice(labels);
+    rt(session, 1, second, "transcription-started", &extra)
+}
+
+fn content(session: &str, seq: u32, second: u32, track: &str, text: &str) -> Vec<(String, String)> {
+    let data = json!({"transcript": text, "confidence": 0.9956335}).to_string();
+    rt(
+        session,
+        seq,
+        second,
+        "transcription-content",
+        &[("Track", track), ("Final", "true"), ("TranscriptionData", &data)],
+    )
+}
+
+fn partial(session: &str, seq: u32, second: u32, text: &str) -> Vec<(String, String)> {
+    let data = json!({"transcript": text}).to_string();
+    let extra = [("Track", "inbound_track"), ("Final", "false"), ("Stability", "0.8"), ("TranscriptionData", &data)];
+    rt(session, seq, second, "transcription-content", &extra)
+}
+
+async fn post(app: &TestApp, b: i32, endpoint: &str, params: &[(String, String)]) -> u16 {
+    let borrowed: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    app.post_twilio(b, endpoint, TOKEN, &borrowed).await.status().as_u16()
+}
+
+/// The same callback with `StatusCallbackMethod=GET`: parameters in the query, the full URL signed.
+async fn get(app: &TestApp, b: i32, endpoint: &str, params: &[(String, String)]) -> u16 {
+    let query = form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish();
+    let path = format!("/webhooks/twilio/{b}/{endpoint}?{query}");
+    let signature = compute_signature(TOKEN, &format!("{PUBLIC_BASE_URL}{path}"), &[], Algorithm::HmacSha1);
+    let r = app.http.get(format!("{}{path}", app.base)).header("x-twilio-signature", signature).send().await.unwrap();
+    r.status().as_u16()
+}
+
+/// The Intelligence webhook as Twilio sends it: JSON, `bodySHA256` in the URL.
+async fn post_intelligence(app: &TestApp, b: i32, body: &serde_json::Value) -> u16 {
+    let body = body.to_string();
+    let hash = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+    let path = format!("/webhooks/twilio/{b}/intelligence?bodySHA256={hash}");
+    let signature = compute_signature(TOKEN, &format!("{PUBLIC_BASE_URL}{path}"), &[], Algorithm::HmacSha1);
+    let headers = [("x-twilio-signature", signature.as_str()), ("content-type", "application/json")];
+    app.post_raw(&path, body, &headers).await.status().as_u16()
+}
+
+fn available(transcript: &str, customer_key: Option<&str>) -> serde_json::Value {
+    json!({"account_sid": ACCOUNT, "service_sid": "GA00000000000000000000000000000001",
+           "transcript_sid": transcript, "customer_key": customer_key,
+           "event_type": "voice_intelligence_transcript_available", "encryption_credential_sid": null})
+}
+
+/// Waits until the call's transcript is `expected`.
+async fn transcript_becomes(app: &TestApp, b: i32, expected: &str) {
+    app.eventually(&format!("transcript {expected:?}"), || async {
+        let rows = calls_of(&app.pool, b).await;
+        (rows.len() == 1 && rows[0].transcript.as_deref() == Some(expected)).then_some(())
+    })
+    .await;
+}
+
+async fn outcome(app: &TestApp, key: &str) -> Option<String> {
+    sqlx::query_as::<_, (String,)>("SELECT outcome FROM webhook_worker.inbox WHERE event_key = $1")
+        .bind(key)
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+        .map(|(o,)| o)
+}
+
+/// Waits for the next parked calls message; its reason.
+async fn next_dead_letter(app: &TestApp) -> String {
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let queue = app.topology().dead_queue(micro8gents::events::Family::Calls);
+    let mut consumer = ch
+        .basic_consume(queue.as_str().into(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(15), consumer.next())
+        .await
+        .expect("a dead letter arrives")
+        .unwrap()
+        .unwrap();
+    d.ack(Default::default()).await.unwrap();
+    let reason = header_str(&d.properties, ERROR_HEADER).unwrap_or_default();
+    conn.close(200, "bye".into()).await.ok();
+    reason
+}
+
+// ---- Real-Time Transcription ----------------------------------------------------------------
+
+/// Every event type in order, without labels: the transcript grows with each final
+/// segment (the call's row made by the first callback); partials, errors and the
+/// stop add nothing.
+#[tokio::test]
+async fn a_realtime_session_grows_the_transcript_segment_by_segment() {
+    let (app, _twilio, b) = spawn().await;
+    assert_eq!(post(&app, b, "transcription", &started(GT_A, 1, &[])).await, 204);
+    app.settled(1).await;
+    let rows = calls_of(&app.pool, b).await;
+    assert_eq!((rows.len(), rows[0].status.as_str(), rows[0].transcript.as_deref()), (1, "in-progress", None));
+
+    assert_eq!(post(&app, b, "transcription", &partial(GT_A, 2, 2, "Hel")).await, 204);
+    assert_eq!(
+        post(&app, b, "transcription", &content(GT_A, 3, 3, "outbound_track", "Hello, this is Sam.")).await,
+        204
+    );
+    transcript_becomes(&app, b, "Agent: Hello, this is Sam.").await;
+    assert_eq!(post(&app, b, "transcription", &partial(GT_A, 4, 4, "I'd like")).await, 204);
+    let line = "I'd like to book a cleaning.";
+    assert_eq!(post(&app, b, "transcription", &content(GT_A, 5, 5, "inbound_track", line)).await, 204);
+    let both = "Agent: Hello, this is Sam.\nCustomer: I'd like to book a cleaning.";
+    transcript_becomes(&app, b, both).await;
+
+    let error =
+        rt(GT_A, 6, 6, "transcription-error", &[("TranscriptionErrorCode", "32651"), ("TranscriptionError", "x")]);
+    assert_eq!(post(&app, b, "transcription", &error).await, 204);
+    assert_eq!(post(&app, b, "transcription", &rt(GT_A, 7, 7, "transcription-stopped", &[])).await, 204);
+    app.settled(5).await;
+    let key = format!("twilio:realtime:{b}:{GT_A}:6");
+    assert_eq!(outcome(&app, &key).await.as_deref(), Some("ignored: a transcription-error adds no text"));
+    // The partials were answered and never carried: five events in the inbox.
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(n, 5);
+    assert_eq!(calls_of(&app.pool, b).await[0].transcript.as_deref(), Some(both));
+    app.stop().await;
+}
+
+/// Two sessions on one call, with labels on one, arriving reversed and twice: the
+/// same transcript as in order, sessions in the order of their first Timestamp.
+#[tokio::test]
+async fn out_of_order_and_duplicated_segments_of_two_sessions_end_the_same() {
+    let (app, _twilio, b) = spawn().await;
+    let labels = [("InboundTrackLabel", "Jane (caller)"), ("OutboundTrackLabel", "Sam")];
+    let events = [
+        started(GT_A, 10, &labels),
+        content(GT_A, 2, 11, "outbound_track", "Thanks for calling Acme Dental."),
+        content(GT_A, 3, 12, "inbound_track", "Hi, I need a cleaning."),
+        rt(GT_A, 4, 13, "transcription-stopped", &[]),
+        // A second session started later, without labels.
+        started(GT_B, 20, &[]),
+        content(GT_B, 2, 21, "inbound_track", "Is Tuesday free?"),
+        content(GT_B, 3, 22, "outbound_track", "Tuesday at 3 works."),
+    ];
+    for e in events.iter().rev().chain(events.iter()) {
+        assert_eq!(post(&app, b, "transcription", e).await, 204);
+    }
+    let expected = "Sam: Thanks for calling Acme Dental.\nJane (caller): Hi, I need a cleaning.\n\
+                    Customer: Is Tuesday free?\nAgent: Tuesday at 3 works.";
+    transcript_becomes(&app, b, expected).await;
+    app.settled(7).await;
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM webhook_worker.transcript_segments WHERE business_id = $1")
+        .bind(b)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 4);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_realtime_callback_with_a_bad_field_is_refused_naming_it() {
+    let (app, _twilio, b) = spawn().await;
+    let mut bad = content(GT_A, 2, 2, "inbound_track", "x");
+    for (k, v) in &mut bad {
+        if k == "TranscriptionData" {
+            *v = "not json".into();
+        }
+    }
+    let borrowed: Vec<(&str, &str)> = bad.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = app.post_twilio(b, "transcription", TOKEN, &borrowed).await;
+    assert_eq!(r.status(), 422);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["field"], "TranscriptionData");
+    app.stop().await;
+}
+
+// ---- sources ----------------------------------------------------------------------------------
+
+/// `<Record transcribe>` < Real-Time < Intelligence, whatever the arrival order.
+#[tokio::test]
+async fn a_higher_source_replaces_a_lower_one_and_never_the_reverse() {
+    let (app, twilio, b) = spawn().await;
+    let record = owned(&[
+        ("CallSid", CALL),
+        ("TranscriptionSid", "TR33333333333333333333333333333333"),
+        ("TranscriptionText", "hello i would like a cleaning"),
+        ("TranscriptionStatus", "completed"),
+    ]);
+    assert_eq!(post(&app, b, "transcription", &record).await, 204);
+    transcript_becomes(&app, b, "hello i would like a cleaning").await;
+    assert_eq!(post(&app, b, "transcription", &content(GT_A, 2, 2, "inbound_track", "Hello.")).await, 204);
+    transcript_becomes(&app, b, "Customer: Hello.").await;
+
+    twilio.add_transcript(
+        INTEL,
+        "completed",
+        Some(CALL),
+        Some(RECORDING),
+        &[(1, "agent"), (2, "customer")],
+        &[(1, "Thanks for calling."), (2, "Hello, I would like a cleaning.")],
+    );
+    assert_eq!(post_intelligence(&app, b, &available(INTEL, Some(CALL))).await, 204);
+    let intelligence = "Agent: Thanks for calling.\nCustomer: Hello, I would like a cleaning.";
+    transcript_becomes(&app, b, intelligence).await;
+
+    // Late real-time segments and a late <Record transcribe> change nothing now.
+    assert_eq!(post(&app, b, "transcription", &content(GT_A, 3, 3, "outbound_track", "Late.")).await, 204);
+    let mut record2 = record.clone();
+    record2[1].1 = "TR44444444444444444444444444444444".into();
+    assert_eq!(post(&app, b, "transcription", &record2).await, 204);
+    app.settled(5).await;
+    assert_eq!(calls_of(&app.pool, b).await[0].transcript.as_deref(), Some(intelligence));
+    let key = format!("twilio:transcription:{b}:TR44444444444444444444444444444444:completed");
+    assert_eq!(outcome(&app, &key).await.as_deref(), Some("ignored: a transcript from a higher source is kept"));
+    app.stop().await;
+}
+
+// ---- Conversational Intelligence --------------------------------------------------------------
+
+/// `customer_key` is the CallSid; the call has no row yet, so the transcript makes it.
+#[tokio::test]
+async fn an_intelligence_transcript_keyed_by_call_sid_is_read_from_twilio() {
+    let (app, twilio, b) = spawn().await;
+    twilio.add_transcript(
+        INTEL,
+        "completed",
+        Some(CALL),
+        None,
+        &[(1, "agent"), (2, "customer")],
+        &[(2, "I'd like to move my appointment."), (1, "Sure, to when?"), (3, "Background noise.")],
+    );
+    assert_eq!(post_intelligence(&app, b, &available(INTEL, Some(CALL))).await, 204);
+    transcript_becomes(
+        &app,
+        b,
+        "Customer: I'd like to move my appointment.\nAgent: Sure, to when?\nSpeaker 3: Background noise.",
+    )
+    .await;
+    let seen = twilio.seen();
+    assert!(seen.iter().all(|s| s.basic.as_deref() == Some(format!("{ACCOUNT}:{TOKEN}").as_str())), "{seen:?}");
+    assert!(seen.iter().any(|s| s.path == format!("/v2/Transcripts/{INTEL}")));
+    assert!(seen.iter().any(|s| s.path == format!("/v2/Transcripts/{INTEL}/Sentences")));
+    assert_eq!(calls_of(&app.pool, b).await[0].status, "in-progress");
+    app.stop().await;
+}
+
+/// `customer_key` is something else: the call is the recording's, known from its
+/// recording callback, or else read from Twilio's Recordings resource.
+#[tokio::test]
+async fn an_intelligence_transcript_of_a_recording_finds_its_call() {
+    let (app, twilio, b) = spawn().await;
+    // Known: the recording callback came first.
+    let recording = owned(&[
+        ("CallSid", CALL),
+        ("RecordingSid", RECORDING),
+        (
+            "RecordingUrl",
+            "https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/RE22222222222222222222222222222222",
+        ),
+        ("RecordingStatus", "completed"),
+    ]);
+    assert_eq!(post(&app, b, "recording", &recording).await, 204);
+    app.settled(1).await;
+    twilio.add_transcript(INTEL, "completed", Some("order-42"), Some(RECORDING), &[(1, "agent")], &[(1, "Hello.")]);
+    assert_eq!(post_intelligence(&app, b, &available(INTEL, Some("order-42"))).await, 204);
+    transcript_becomes(&app, b, "Agent: Hello.").await;
+    assert!(!twilio.seen().iter().any(|s| s.path.contains("/Recordings/")), "the recording was known");
+
+    // Unknown: Twilio's API says whose it is.
+    let other_call = "CA99999999999999999999999999999999";
+    let other_recording = "RE99999999999999999999999999999999";
+    let other_intel = "GT00000000000000000000000000000003";
+    twilio.add_recording(other_recording, other_call);
+    twilio.add_transcript(other_intel, "completed", None, Some(other_recording), &[(2, "customer")], &[(2, "Bye.")]);
+    assert_eq!(post_intelligence(&app, b, &available(other_intel, None)).await, 204);
+    app.eventually("the second call's transcript", || async {
+        let rows = calls_of(&app.pool, b).await;
+        rows.iter().any(|r| r.transcript.as_deref() == Some("Customer: Bye.")).then_some(())
+    })
+    .await;
+    let path = format!("/2010-04-01/Accounts/{ACCOUNT}/Recordings/{other_recording}.json");
+    assert!(twilio.seen().iter().any(|s| s.path == path));
+    assert_eq!(calls_of(&app.pool, b).await.len(), 2);
+    app.stop().await;
+}
+
+/// Still being made: read again after the retry delays until it is completed.
+#[tokio::test]
+async fn an_intelligence_transcript_in_progress_is_read_again_later() {
+    let (app, twilio, b) = spawn().await;
+    twilio.add_transcript(INTEL, "completed", Some(CALL), None, &[(1, "agent")], &[(1, "Done.")]);
+    twilio.first_show(INTEL, &["queued", "in-progress"]);
+    assert_eq!(post_intelligence(&app, b, &available(INTEL, Some(CALL))).await, 204);
+    transcript_becomes(&app, b, "Agent: Done.").await;
+    let reads = twilio.seen().iter().filter(|s| s.path == format!("/v2/Transcripts/{INTEL}")).count();
+    assert_eq!(reads, 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_intelligence_transcript_never_completed_is_parked_with_the_reason() {
+    let (app, twilio, b) = spawn().await;
+    twilio.add_transcript(INTEL, "in-progress", Some(CALL), None, &[], &[]);
+    assert_eq!(post_intelligence(&app, b, &available(INTEL, Some(CALL))).await, 204);
+    let reason = next_dead_letter(&app).await;
+    assert!(reason.contains("gave up after 3 tries"), "{reason}");
+    assert!(reason.contains(&format!("transcript {INTEL} is in-progress, not completed yet")), "{reason}");
+    assert!(calls_of(&app.pool, b).await.is_empty());
+    app.stop().await;
+}
+
+/// Twilio refuses the credentials (401) or knows no such transcript (404): parked
+/// at once with the reason; 5xx and 429 are tried again.
+#[tokio::test]
+async fn twilio_api_refusals_park_and_its_failures_retry() {
+    let (app, twilio, b) = spawn().await;
+    twilio.add_transcript(INTEL, "completed", Some(CALL), None, &[(1, "agent")], &[(1, "Hi.")]);
+    twilio.fail(&format!("/v2/Transcripts/{INTEL}"), &[503, 429]);
+    assert_eq!(post_intelligence(&app, b, &available(INTEL, Some(CALL))).await, 204);
+    transcript_becomes(&app, b, "Agent: Hi.").await;
+
+    let unknown = "GT0000000000000000000000000000dead";
+    assert_eq!(post_intelligence(&app, b, &available(unknown, Some(CALL))).await, 204);
+    let reason = next_dead_letter(&app).await;
+    assert!(reason.contains("404") && reason.contains(unknown), "{reason}");
+    assert!(!reason.contains("gave up after"), "a 404 is parked at once: {reason}");
+
+    sqlx::query("UPDATE integrations SET config = jsonb_set(config::jsonb, '{auth_token}', '\"rotated\"')::json WHERE business_id = $1")
+        .bind(b)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let other = "GT00000000000000000000000000000004";
+    twilio.add_transcript(other, "completed", Some(CALL), None, &[], &[(1, "x")]);
+    // Signed with the new token now.
+    let body = available(other, Some(CALL)).to_string();
+    let hash = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+    let path = format!("/webhooks/twilio/{b}/intelligence?bodySHA256={hash}");
+    let signature = compute_signature("rotated", &format!("{PUBLIC_BASE_URL}{path}"), &[], Algorithm::HmacSha1);
+    let headers = [("x-twilio-signature", signature.as_str()), ("content-type", "application/json")];
+    assert_eq!(app.post_raw(&path, body, &headers).await.status(), 204);
+    let reason = next_dead_letter(&app).await;
+    assert!(reason.contains("401") && reason.contains("auth_token"), "{reason}");
+    assert!(!reason.contains("rotated") && !reason.contains(TOKEN), "no secret in the reason: {reason}");
+    app.stop().await;
+}
+
+// ---- GET callbacks ----------------------------------------------------------------------------
+
+/// `StatusCallbackMethod=GET` on every Twilio endpoint.
+#[tokio::test]
+async fn every_twilio_endpoint_takes_get_callbacks() {
+    let (app, twilio, b) = spawn().await;
+    let status = owned(&[
+        ("CallSid", CALL),
+        ("CallStatus", "completed"),
+        ("Direction", "inbound"),
+        ("From", "+14155552671"),
+        ("To", "+15005550006"),
+        ("SequenceNumber", "3"),
+        ("CallDuration", "125"),
+        ("Timestamp", "Tue, 25 Nov 2025 12:02:05 +0000"),
+    ]);
+    assert_eq!(get(&app, b, "call-status", &status).await, 204);
+    let recording = owned(&[
+        ("CallSid", CALL),
+        ("RecordingSid", RECORDING),
+        (
+            "RecordingUrl",
+            "https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/RE22222222222222222222222222222222",
+        ),
+        ("RecordingStatus", "completed"),
+    ]);
+    assert_eq!(get(&app, b, "recording", &recording).await, 204);
+    assert_eq!(get(&app, b, "transcription", &content(GT_A, 2, 2, "inbound_track", "Hi there.")).await, 204);
+    app.settled(3).await;
+    let row = &calls_of(&app.pool, b).await[0];
+    assert_eq!((row.status.as_str(), row.duration.as_deref()), ("completed", Some("2:05")));
+    assert!(row.recording.is_some());
+    assert_eq!(row.transcript.as_deref(), Some("Customer: Hi there."));
+
+    twilio.add_transcript(INTEL, "completed", Some(CALL), None, &[(2, "customer")], &[(2, "Hi there, again.")]);
+    let intel = owned(&[
+        ("account_sid", ACCOUNT),
+        ("transcript_sid", INTEL),
+        ("customer_key", CALL),
+        ("event_type", "voice_intelligence_transcript_available"),
+    ]);
+    assert_eq!(get(&app, b, "intelligence", &intel).await, 204);
+    transcript_becomes(&app, b, "Customer: Hi there, again.").await;
+
+    // The signature covers the query: a changed parameter is refused.
+    let query = form_urlencoded::Serializer::new(String::new()).extend_pairs(&status).finish();
+    let path = format!("/webhooks/twilio/{b}/call-status?{query}");
+    let signature = compute_signature(TOKEN, &format!("{PUBLIC_BASE_URL}{path}"), &[], Algorithm::HmacSha1);
+    let forged = path.replace("CallDuration=125", "CallDuration=999");
+    let r = app.http.get(format!("{}{forged}", app.base)).header("x-twilio-signature", signature).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    app.stop().await;
+}
+
+// ---- SharedKey signing ------------------------------------------------------------------------
+
+const KEY_ID: &str = "KS00000000000000000000000000000001";
+const SHARED: &str = "shared-key-secret-one";
+const SHARED_NEW: &str = "shared-key-secret-two";
+
+/// A call-status callback signed as a Webhooks Rule signs it.
+async fn post_shared(app: &TestApp, b: i32, key: &str, settings: &str) -> reqwest::Response {
+    let params = owned(&[("CallSid", CALL), ("CallStatus", "ringing"), ("SequenceNumber", "0")]);
+    let path = format!("/webhooks/twilio/{b}/call-status");
+    let alg = if settings.contains("HMAC_SHA1") { Algorithm::HmacSha1 } else { Algorithm::HmacSha256 };
+    let signature = compute_signature(key, &format!("{PUBLIC_BASE_URL}{path}"), &params, alg);
+    let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(&params).finish();
+    let headers = [
+        ("x-twilio-signature", signature.as_str()),
+        ("x-twilio-webhooks-signature-settings", settings),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ];
+    app.post_raw(&path, body, &headers).await
+}
+
+async fn set_shared_keys(app: &TestApp, b: i32, keys: serde_json::Value) {
+    sqlx::query(
+        "UPDATE integrations SET config = jsonb_set(config::jsonb, '{shared_keys}', $2::jsonb)::json WHERE business_id = $1",
+    )
+    .bind(b)
+    .bind(keys)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn shared_key_signatures_one_key_a_rotation_and_refusals() {
+    let (app, _twilio, b) = spawn().await;
+    let settings = format!("key={KEY_ID},algorithm=HMAC_SHA256");
+
+    // The header without a configured key: 401, its own code, counted apart.
+    let r = post_shared(&app, b, SHARED, &settings).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "no_shared_key");
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.contains("no_shared_key") && l.contains("call-status") && !l.starts_with('#')),
+        "{metrics}"
+    );
+
+    // One key.
+    set_shared_keys(&app, b, json!([{"id": KEY_ID, "secret": SHARED}])).await;
+    assert_eq!(post_shared(&app, b, SHARED, &settings).await.status(), 204);
+    // Signed with the auth token while the header says SharedKey: refused.
+    assert_eq!(post_shared(&app, b, TOKEN, &settings).await.status(), 401);
+    // A wrong key.
+    assert_eq!(post_shared(&app, b, "not-the-key", &settings).await.status(), 401);
+
+    // A rotation: two keys; the header names the new one, or one not listed (then both are tried).
+    let new_id = "KS00000000000000000000000000000002";
+    set_shared_keys(&app, b, json!([{"id": KEY_ID, "secret": SHARED}, {"id": new_id, "secret": SHARED_NEW}])).await;
+    let named_new = format!("key={new_id},algorithm=HMAC_SHA256");
+    assert_eq!(post_shared(&app, b, SHARED_NEW, &named_new).await.status(), 204);
+    assert_eq!(post_shared(&app, b, SHARED, &settings).await.status(), 204);
+    let unlisted = "key=KS0000000000000000000000000000ffff,algorithm=HMAC_SHA1";
+    assert_eq!(post_shared(&app, b, SHARED_NEW, unlisted).await.status(), 204);
+    app.settled(1).await;
+    assert_eq!(calls_of(&app.pool, b).await.len(), 1);
+    app.stop().await;
+}
