@@ -533,3 +533,49 @@ async fn shared_key_signatures_one_key_a_rotation_and_refusals() {
     assert_eq!(calls_of(&app.pool, b).await.len(), 1);
     app.stop().await;
 }
+
+/// The Intelligence webhook as a form (some setups send it so), and an event
+/// type that is not "transcript available": recorded, applies nothing, asks nothing.
+#[tokio::test]
+async fn an_intelligence_form_webhook_and_other_event_types() {
+    let (app, twilio, b) = spawn().await;
+    twilio.add_transcript(INTEL, "completed", Some(CALL), None, &[(1, "agent")], &[(1, "From a form.")]);
+    let form = owned(&[
+        ("account_sid", ACCOUNT),
+        ("transcript_sid", INTEL),
+        ("customer_key", CALL),
+        ("event_type", "voice_intelligence_transcript_available"),
+    ]);
+    assert_eq!(post(&app, b, "intelligence", &form).await, 204);
+    transcript_becomes(&app, b, "Agent: From a form.").await;
+
+    let other = "GT00000000000000000000000000000005";
+    let mut body = available(other, Some(CALL));
+    body["event_type"] = json!("voice_intelligence_operator_results_available");
+    assert_eq!(post_intelligence(&app, b, &body).await, 204);
+    app.settled(2).await;
+    let key = format!("twilio:intelligence:{b}:{other}");
+    assert_eq!(outcome(&app, &key).await.as_deref(), Some("ignored: an Intelligence event type that is not applied"));
+    assert!(!twilio.seen().iter().any(|s| s.path.contains(other)));
+
+    let r = app.post_twilio(b, "intelligence", TOKEN, &[("transcript_sid", "GX123")]).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["field"], "transcript_sid");
+    app.stop().await;
+}
+
+/// A malformed `config.shared_keys` entry is left out (and said in the log); the
+/// well-formed one still verifies.
+#[tokio::test]
+async fn a_malformed_shared_key_entry_is_left_out() {
+    let (app, _twilio, b) = spawn().await;
+    let settings = format!("key={KEY_ID},algorithm=HMAC_SHA256");
+    set_shared_keys(&app, b, json!("not a list")).await;
+    let r = post_shared(&app, b, SHARED, &settings).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "no_shared_key");
+    // Fixed a moment later: the refused request's fresh read makes it work at once.
+    set_shared_keys(&app, b, json!([{"id": "KSbroken"}, {"secret": "no id"}, {"id": KEY_ID, "secret": SHARED}])).await;
+    assert_eq!(post_shared(&app, b, SHARED, &settings).await.status(), 204);
+    app.stop().await;
+}
