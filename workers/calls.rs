@@ -256,6 +256,9 @@ pub struct PendingCall {
     recorded: bool,
     /// What this batch's events did to the call, in order (see [`Happened`]).
     pub happened: Vec<Happened>,
+    /// A real-time event of this batch changed the call's segments or sessions:
+    /// its text is recomputed once, at the flush.
+    pub realtime_changed: bool,
 }
 
 impl PendingCall {
@@ -313,6 +316,7 @@ impl CallWrites {
                     change: CallChange::default(),
                     recorded: false,
                     happened: Vec::new(),
+                    realtime_changed: false,
                 });
                 self.calls.len() - 1
             }
@@ -324,7 +328,11 @@ impl CallWrites {
     /// [`PendingCall::happened`] is known here, inside the transaction that
     /// commits it: the place to decide a notice about it.
     pub async fn flush(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
-        for c in self.calls.drain(..).filter(|c| c.recorded) {
+        for mut c in self.calls.drain(..).filter(|c| c.recorded) {
+            if c.realtime_changed {
+                let text = transcripts::recompute_realtime(tx, c.business, &c.call_sid).await?;
+                c.store_transcript(Source::Realtime, text, Utc::now());
+            }
             write_call(tx, c.business, &c.call_sid, &c.locked, &c.change, &c.state).await?;
         }
         Ok(())

@@ -180,14 +180,39 @@ pub async fn apply_realtime(
         .execute(&mut *tx)
         .await?;
     }
-    let (sessions, segments) = realtime_pieces(tx, business, &e.call_sid).await?;
+    let with_text = match e.kind {
+        RealtimeKind::Stopped => Some(session_has_text(tx, business, &e.session_sid).await?),
+        _ => None,
+    };
     let call = writes.call(tx, business, &e.call_sid).await?;
-    if matches!(e.kind, RealtimeKind::Stopped) {
-        let with_text = segments.iter().any(|g| g.session_sid == e.session_sid);
+    if let Some(with_text) = with_text {
         call.happened.push(Happened::RealtimeSessionStopped { with_text });
     }
-    call.store_transcript(Source::Realtime, realtime_text(&sessions, &segments), received_at);
+    // The row now (this may be the call's first callback); the text once per call
+    // and batch, when the batch's writes are flushed (`recompute_realtime`).
+    call.store_transcript(Source::Realtime, None, received_at);
+    call.realtime_changed = true;
     Ok(Outcome::Applied)
+}
+
+/// The call's real-time text from every segment kept, this transaction's included.
+pub(super) async fn recompute_realtime(
+    tx: &mut PgConnection,
+    business: BusinessId,
+    call_sid: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let (sessions, segments) = realtime_pieces(tx, business, call_sid).await?;
+    Ok(realtime_text(&sessions, &segments))
+}
+
+async fn session_has_text(tx: &mut PgConnection, business: BusinessId, session_sid: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM webhook_worker.transcript_segments WHERE business_id = $1 AND session_sid = $2)",
+    )
+    .bind(business.0)
+    .bind(session_sid)
+    .fetch_one(&mut *tx)
+    .await
 }
 
 /// Creates or updates the session: its earliest time, its labels (only
