@@ -4,6 +4,7 @@
 //! worker's own state (inbox, outbox, sqlx's migration table) lives in the
 //! `webhook_worker` schema, where a `drizzle-kit push` never looks.
 
+pub mod adopt;
 pub mod inbox;
 pub mod secrets;
 
@@ -32,15 +33,105 @@ pub fn pool(cfg: &Config, application: &str) -> Result<PgPool, sqlx::Error> {
         .connect_lazy_with(opts))
 }
 
-/// Applies the migrations. sqlx's bookkeeping table lands in the worker's schema
+/// Why `migrate` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateFailure {
+    /// `public` lacks something the worker needs; each problem was logged on a line of its own.
+    #[error(
+        "the public schema is not compatible with the worker: {0} problem(s), each on a line above; nothing was changed"
+    )]
+    Incompatible(usize),
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Serialises whole `migrate` runs (adoption and sqlx's migrations) across processes.
+/// sqlx's own lock covers only its part.
+const MIGRATE_LOCK: i64 = 0x6d38_6164_6f70; // "m8adop"
+
+/// Applies the migrations, after adopting a `public` schema the dashboard made
+/// (see [`adopt`]). sqlx's bookkeeping table lands in the worker's schema
 /// because that schema is first on the search path; the SQL files qualify every
-/// object they create. Concurrent callers are serialised by sqlx's advisory lock.
-pub async fn migrate(cfg: &Config) -> Result<(), sqlx::migrate::MigrateError> {
+/// object they create. Concurrent callers wait for each other on an advisory lock.
+pub async fn migrate(cfg: &Config) -> Result<(), MigrateFailure> {
     let opts = connect_options(cfg, "micro8gents-migrate")?;
     let mut conn = PgConnection::connect_with(&opts).await?;
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS webhook_worker").execute(&mut conn).await?;
-    sqlx::query("SET search_path TO webhook_worker").execute(&mut conn).await?;
-    MIGRATOR.run(&mut conn).await?;
-    conn.close().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATE_LOCK).execute(&mut conn).await?;
+    let result = migrate_locked(&mut conn).await;
+    // Closing the session releases the lock too; unlocking first lets the next caller go at once.
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut conn).await;
+    conn.close().await.ok();
+    result
+}
+
+async fn migrate_locked(conn: &mut PgConnection) -> Result<(), MigrateFailure> {
+    let survey = adopt::survey(conn).await?;
+    if !survey.problems.is_empty() {
+        for p in &survey.problems {
+            tracing::error!("{p}");
+        }
+        return Err(MigrateFailure::Incompatible(survey.problems.len()));
+    }
+    // A role that owns the schema but may not create schemas in the database can still migrate.
+    let (exists,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+        .bind("webhook_worker")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        sqlx::query("CREATE SCHEMA webhook_worker").execute(&mut *conn).await?;
+    }
+    sqlx::query("SET search_path TO webhook_worker").execute(&mut *conn).await?;
+    sqlx::query(ADOPTION_TABLE).execute(&mut *conn).await?;
+    if survey.found.is_empty() {
+        tracing::info!("public holds none of the seed's tables: creating them (migration 1)");
+    } else if adopt_if_new(conn, &survey).await? {
+        tracing::info!(
+            found = survey.found.join(","),
+            "adopted the dashboard's public schema: everything the worker needs is there; \
+             nothing in public was changed; migration 1 recorded as applied, see webhook_worker.adoption"
+        );
+    } else {
+        tracing::info!("public schema checked: everything the worker needs is there");
+    }
+    MIGRATOR.run(&mut *conn).await?;
+    let (version,): (Option<i64>,) =
+        sqlx::query_as("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&mut *conn).await?;
+    tracing::info!(version = version.unwrap_or(0), "migrations applied");
     Ok(())
+}
+
+/// The record of an adoption. Created on every database (adopted or not) so that
+/// both paths end with the same worker schema.
+const ADOPTION_TABLE: &str = "CREATE TABLE IF NOT EXISTS webhook_worker.adoption (
+    adopted_at     timestamptz NOT NULL DEFAULT now(),
+    worker_version text NOT NULL,
+    -- The seed's tables and enums found in public, all checked compatible.
+    found          text[] NOT NULL
+)";
+
+/// Records the adoption and marks migration 1 applied, once; false if migration 1 was already recorded.
+async fn adopt_if_new(conn: &mut PgConnection, survey: &adopt::Survey) -> Result<bool, MigrateFailure> {
+    let mut tx = conn.begin().await?;
+    let (table,): (bool,) =
+        sqlx::query_as("SELECT to_regclass('webhook_worker._sqlx_migrations') IS NOT NULL").fetch_one(&mut *tx).await?;
+    if table {
+        let (recorded,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM webhook_worker._sqlx_migrations WHERE version = 1)")
+                .fetch_one(&mut *tx)
+                .await?;
+        if recorded {
+            return Ok(false);
+        }
+    }
+    sqlx::query("INSERT INTO webhook_worker.adoption (worker_version, found) VALUES ($1, $2)")
+        .bind(env!("CARGO_PKG_VERSION"))
+        .bind(&survey.found)
+        .execute(&mut *tx)
+        .await?;
+    // sqlx writes its own row, with migration 1's checksum, as if it had run it.
+    MIGRATOR.skip(&mut *tx, Some(1)).await?;
+    tx.commit().await?;
+    Ok(true)
 }
