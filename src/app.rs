@@ -77,7 +77,10 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
     let pool = store::pool(&cfg, &format!("micro8gents-{}", role.name()))?;
     let topology = Topology::new(&cfg.amqp_prefix, &cfg.retry_delays);
     let conn_name = format!("micro8gents-{}-{}", role.name(), std::process::id());
-    let broker = Arc::new(Broker::new(cfg.amqp_url.expose(), &conn_name, topology.clone()));
+    let broker = Broker::new(cfg.amqp_url.expose(), &conn_name, topology.clone())
+        .with_ca(cfg.amqp_ca.as_ref().map(|c| c.pem.as_str()));
+    // The ingress only publishes: it declares the one exchange it needs, the workers the rest.
+    let broker = Arc::new(if role.works() { broker } else { broker.publish_only() });
     if let Err(e) = broker.ping().await {
         warn!(error = %e, "RabbitMQ is not reachable yet; will keep trying");
     }

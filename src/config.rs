@@ -40,17 +40,37 @@ impl ConnUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// The URL with its password replaced, fit for logs and `micro8gents config`.
+    /// The URL with its password replaced, fit for logs and `micro8gents config`:
+    /// the `user:password@` part and any query parameter named like a password
+    /// (`?password=...`). A URL without `//` (`amqp:user:pass@host`) is not
+    /// shown at all, since its parts cannot be told apart.
     pub fn redacted(&self) -> String {
-        match url::Url::parse(&self.0) {
-            Ok(mut u) if u.password().is_some() => {
-                let _ = u.set_password(Some("redacted"));
-                u.to_string()
-            }
-            Ok(u) => u.to_string(),
-            Err(_) => "[unparsable url]".to_string(),
+        let Ok(mut u) = url::Url::parse(&self.0) else { return "[unparsable url]".to_string() };
+        if u.cannot_be_a_base() {
+            return format!("{}:[redacted]", u.scheme());
         }
+        if u.password().is_some() {
+            let _ = u.set_password(Some("redacted"));
+        }
+        let secret_params = u.query_pairs().any(|(k, _)| is_secret_param(&k));
+        if secret_params {
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if is_secret_param(&k) { "redacted".to_string() } else { v.into_owned() };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            u.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        u.to_string()
     }
+}
+
+/// `password`, `sslpassword`, `passwd`, `secret`, `token`, ...: a query parameter that may hold a secret.
+fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "secret", "token"].iter().any(|s| name.contains(s))
 }
 
 impl fmt::Debug for ConnUrl {
@@ -63,6 +83,8 @@ impl fmt::Debug for ConnUrl {
 pub struct Config {
     pub database_url: ConnUrl,
     pub amqp_url: ConnUrl,
+    /// Extra CA certificates (PEM) that an `amqps://` broker's certificate may chain to.
+    pub amqp_ca: Option<CaFile>,
     /// Prefix of every exchange and queue name; lets environments (and tests) share a broker.
     pub amqp_prefix: String,
     pub listen_addr: SocketAddr,
@@ -96,6 +118,19 @@ pub struct Config {
     pub twilio_api_timeout: Duration,
 }
 
+/// A PEM file of CA certificates, read and checked at start.
+#[derive(Clone)]
+pub struct CaFile {
+    pub path: String,
+    pub pem: String,
+}
+
+impl fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaFile({:?})", self.path)
+    }
+}
+
 /// One bad setting, named.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid setting {name}: {problem}")]
@@ -119,6 +154,7 @@ impl Config {
         let cfg = Config {
             database_url: ConnUrl::new(env.url("DATABASE_URL", DEFAULT_DATABASE_URL, &["postgres", "postgresql"])?),
             amqp_url: ConnUrl::new(env.url("AMQP_URL", DEFAULT_AMQP_URL, &["amqp", "amqps"])?),
+            amqp_ca: env.ca_file("AMQP_CA_FILE")?,
             amqp_prefix: env.name("AMQP_PREFIX", "micro8gents")?,
             listen_addr: env.parsed("LISTEN_ADDR", "0.0.0.0:8080", "an address like 0.0.0.0:8080")?,
             public_base_url: env.base_url("PUBLIC_BASE_URL", "http://localhost:8080")?,
@@ -154,6 +190,7 @@ impl Config {
         vec![
             ("DATABASE_URL", self.database_url.redacted()),
             ("AMQP_URL", self.amqp_url.redacted()),
+            ("AMQP_CA_FILE", self.amqp_ca.as_ref().map_or_else(|| "(unset)".into(), |c| c.path.clone())),
             ("AMQP_PREFIX", self.amqp_prefix.clone()),
             ("LISTEN_ADDR", self.listen_addr.to_string()),
             ("PUBLIC_BASE_URL", self.public_base_url.clone()),
@@ -223,7 +260,22 @@ impl Env<'_> {
         if !schemes.contains(&parsed.scheme()) {
             return Err(bad(name, format!("scheme must be one of {}", schemes.join(", "))));
         }
+        if parsed.cannot_be_a_base() {
+            return Err(bad(
+                name,
+                format!("must look like {}://user:password@host:port/... (value not shown)", parsed.scheme()),
+            ));
+        }
         Ok(raw.to_string())
+    }
+
+    fn ca_file(&self, name: &'static str) -> Result<Option<CaFile>, ConfigError> {
+        let Some(path) = self.get(name) else { return Ok(None) };
+        let pem = std::fs::read_to_string(path).map_err(|e| bad(name, format!("cannot read {path:?}: {e}")))?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(bad(name, format!("{path:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")));
+        }
+        Ok(Some(CaFile { path: path.to_string(), pem }))
     }
 
     fn base_url(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {

@@ -184,7 +184,9 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
 fn broker(cfg: &Config, what: &str) -> (Arc<Broker>, Topology) {
     let topology = Topology::new(&cfg.amqp_prefix, &cfg.retry_delays);
     let name = format!("micro8gents-{what}-{}", std::process::id());
-    (Arc::new(Broker::new(cfg.amqp_url.expose(), &name, topology.clone())), topology)
+    let broker = Broker::new(cfg.amqp_url.expose(), &name, topology.clone())
+        .with_ca(cfg.amqp_ca.as_ref().map(|c| c.pem.as_str()));
+    (Arc::new(broker), topology)
 }
 
 async fn run_dlq(cfg: &Config, action: DlqCommand) -> anyhow::Result<()> {

@@ -38,11 +38,21 @@ pub enum BusError {
     Amqp(#[from] lapin::Error),
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Declares {
+    All,
+    EventsExchange,
+}
+
 /// The process's broker connection, re-established lazily after it breaks.
 pub struct Broker {
     url: String,
     name: String,
     topology: Topology,
+    /// Extra CA certificates for `amqps://` (`AMQP_CA_FILE`); the bundled Mozilla roots always apply.
+    tls: lapin::tcp::OwnedTLSConfig,
+    /// What this process declares on connect: everything, or (the ingress) only the exchange it publishes to.
+    declares: Declares,
     conn: Mutex<Option<Connection>>,
     last_failure: SyncMutex<Option<Instant>>,
 }
@@ -55,9 +65,25 @@ impl Broker {
             url: url.to_string(),
             name: name.to_string(),
             topology,
+            tls: lapin::tcp::OwnedTLSConfig::default(),
+            declares: Declares::All,
             conn: Mutex::new(None),
             last_failure: SyncMutex::new(None),
         }
+    }
+
+    /// Trusts these CA certificates (PEM) too when the URL is `amqps://`.
+    pub fn with_ca(mut self, ca_pem: Option<&str>) -> Self {
+        self.tls.cert_chain = ca_pem.map(str::to_string);
+        self
+    }
+
+    /// Declares only the events exchange on connect: a process that only
+    /// publishes (the ingress) then needs no permission on queues (README,
+    /// "Deploying next to the dashboard"). The workers declare the rest.
+    pub fn publish_only(mut self) -> Self {
+        self.declares = Declares::EventsExchange;
+        self
     }
 
     /// A new channel on the live connection, connecting first if needed.
@@ -107,9 +133,17 @@ impl Broker {
     }
 
     async fn connect_and_declare(&self, props: ConnectionProperties) -> lapin::Result<Connection> {
-        let conn = Connection::connect(&self.url, props).await?;
+        let conn = lapin::ConnectionBuilder::new()?
+            .with_uri_str(self.url.clone())
+            .with_properties(props)
+            .with_tls_config(self.tls.clone())
+            .connect()
+            .await?;
         let ch = conn.create_channel().await?;
-        self.topology.declare(&ch).await?;
+        match self.declares {
+            Declares::All => self.topology.declare(&ch).await?,
+            Declares::EventsExchange => self.topology.declare_events_exchange(&ch).await?,
+        }
         ch.close(200, "declared".into()).await?;
         Ok(conn)
     }

@@ -68,6 +68,12 @@ impl Topology {
         vec![self.events_exchange(), self.retry_exchange(), self.dead_exchange()]
     }
 
+    /// The one exchange a publisher needs (declaring it needs `configure` on it alone).
+    pub async fn declare_events_exchange(&self, ch: &Channel) -> lapin::Result<()> {
+        let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        ch.exchange_declare(self.events_exchange().into(), ExchangeKind::Direct, opts, FieldTable::default()).await
+    }
+
     pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
         for ex in self.all_exchanges() {
             let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };

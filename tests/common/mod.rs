@@ -6,7 +6,9 @@
 //! override the local defaults.
 #![allow(dead_code)]
 
+pub mod dashboard;
 pub mod proxy;
+pub mod tls;
 pub mod twilio_api;
 
 use std::collections::HashMap;
@@ -95,13 +97,32 @@ impl TestApp {
         Self::spawn_inner(true, tweak).await
     }
 
+    /// Like `spawn_with`, on a database whose `public` the dashboard made first with `dashboard_sql`
+    /// (e.g. [`dashboard::DASHBOARD_SQL`]); `migrate` adopts it.
+    pub async fn spawn_on_dashboard(dashboard_sql: &str, tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+        Self::spawn_prepared(false, Some(dashboard_sql), tweak).await
+    }
+
     async fn spawn_inner(proxied: bool, tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+        Self::spawn_prepared(proxied, None, tweak).await
+    }
+
+    async fn spawn_prepared(
+        proxied: bool,
+        dashboard_sql: Option<&str>,
+        tweak: impl FnOnce(&mut HashMap<String, String>),
+    ) -> TestApp {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let db_name = format!("m8_test_{id}");
         let admin = admin_url();
         let mut conn = PgConnection::connect(&admin).await.expect("admin connection to Postgres");
         sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut conn).await.unwrap();
         conn.close().await.ok();
+        if let Some(sql) = dashboard_sql {
+            let mut conn = PgConnection::connect(&database_url(&admin, &db_name)).await.unwrap();
+            sqlx::raw_sql(AssertSqlSafe(sql.to_string())).execute(&mut conn).await.expect("the dashboard's SQL");
+            conn.close().await.ok();
+        }
 
         let mut vars: HashMap<String, String> = [
             ("DATABASE_URL", database_url(&admin, &db_name)),
