@@ -114,7 +114,8 @@ async fn the_ingress_and_the_workers_run_as_separate_users_with_only_their_permi
             FieldTable::default(),
         )
         .await;
-    let err = consume.err().expect("the ingress user may not consume").to_string();
+    let Err(err) = consume else { panic!("the ingress user may not consume") };
+    let err = err.to_string();
     assert!(err.contains("ACCESS_REFUSED") || err.contains("access"), "{err}");
     let _ = conn.close(200, "bye".into()).await;
 

@@ -111,7 +111,8 @@ async fn verify_full_and_verify_ca_accept_the_servers_ca_and_refuse_another_with
         let text = stderr(&out);
         let lines: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
         assert_eq!(lines.len(), 1, "{text}");
-        assert!(lines[0].contains("certificate"), "the line says why: {text}");
+        assert!(lines[0].contains("Postgres TLS failed: invalid peer certificate"), "the line says why: {text}");
+        assert!(lines[0].contains("check sslmode and sslrootcert in DATABASE_URL"), "{text}");
     }
 }
 

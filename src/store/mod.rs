@@ -41,6 +41,9 @@ pub enum MigrateFailure {
         "the public schema is not compatible with the worker: {0} problem(s), each on a line above; nothing was changed"
     )]
     Incompatible(usize),
+    /// The TLS handshake with Postgres failed (sslmode, sslrootcert in DATABASE_URL).
+    #[error("Postgres TLS failed: {0}; check sslmode and sslrootcert in DATABASE_URL")]
+    Tls(String),
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
@@ -57,7 +60,14 @@ const MIGRATE_LOCK: i64 = 0x6d38_6164_6f70; // "m8adop"
 /// object they create. Concurrent callers wait for each other on an advisory lock.
 pub async fn migrate(cfg: &Config) -> Result<(), MigrateFailure> {
     let opts = connect_options(cfg, "micro8gents-migrate")?;
-    let mut conn = PgConnection::connect_with(&opts).await?;
+    let mut conn = PgConnection::connect_with(&opts).await.map_err(|e| match e {
+        sqlx::Error::Tls(tls) => MigrateFailure::Tls(tls.to_string()),
+        // rustls reports a refused certificate as InvalidData on the stream.
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            MigrateFailure::Tls(io.get_ref().map_or_else(|| io.to_string(), ToString::to_string))
+        }
+        e => e.into(),
+    })?;
     sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATE_LOCK).execute(&mut conn).await?;
     let result = migrate_locked(&mut conn).await;
     // Closing the session releases the lock too; unlocking first lets the next caller go at once.
@@ -83,7 +93,11 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<(), MigrateFailure> {
         sqlx::query("CREATE SCHEMA webhook_worker").execute(&mut *conn).await?;
     }
     sqlx::query("SET search_path TO webhook_worker").execute(&mut *conn).await?;
-    sqlx::query(ADOPTION_TABLE).execute(&mut *conn).await?;
+    let (adoption_table,): (bool,) =
+        sqlx::query_as("SELECT to_regclass('webhook_worker.adoption') IS NOT NULL").fetch_one(&mut *conn).await?;
+    if !adoption_table {
+        sqlx::query(ADOPTION_TABLE).execute(&mut *conn).await?;
+    }
     if survey.found.is_empty() {
         tracing::info!("public holds none of the seed's tables: creating them (migration 1)");
     } else if adopt_if_new(conn, &survey).await? {
@@ -104,7 +118,7 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<(), MigrateFailure> {
 
 /// The record of an adoption. Created on every database (adopted or not) so that
 /// both paths end with the same worker schema.
-const ADOPTION_TABLE: &str = "CREATE TABLE IF NOT EXISTS webhook_worker.adoption (
+const ADOPTION_TABLE: &str = "CREATE TABLE webhook_worker.adoption (
     adopted_at     timestamptz NOT NULL DEFAULT now(),
     worker_version text NOT NULL,
     -- The seed's tables and enums found in public, all checked compatible.
