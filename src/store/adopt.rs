@@ -1,4 +1,4 @@
-//! Adopting a `public` schema that the dashboard's Drizzle made (ADR 0010).
+//! Adopting a `public` schema that the dashboard's Drizzle made (ADR 0011).
 //!
 //! The dashboard's database exists before the worker. Migration 0001 creates the
 //! seed's tables, which would fail there (`type "call_status" already exists`).
