@@ -56,7 +56,7 @@ const PUBLIC_BASE_URL: &str = "https://hooks.bench.test";
 const STRIPE_SECRET: &str = "whsec_bench_5f2b8c1d9e7a4f60b3c2d1e0f9a8b7c6";
 const N8N_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(about = "Benchmark of the whole webhook path, with the machine's ceilings measured in the same run")]
 struct Args {
     /// Twilio calls; each is four status callbacks, one recording and one transcription.
@@ -69,8 +69,13 @@ struct Args {
     #[arg(long, default_value_t = 500)]
     stripe_users: usize,
     /// Businesses the calls and bookings are spread over.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 50)]
     businesses: usize,
+    /// The order requests are sent in: `realistic` (hundreds of calls in progress at once, a
+    /// call's callbacks 100 or more requests apart, in order) or `back-to-back` (a call's six
+    /// callbacks one after another, the order of the first benchmarks).
+    #[arg(long, value_enum, default_value_t = Order::Realistic)]
+    order: Order,
     /// Requests in flight (closed loop). Ignored with --rate.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -95,6 +100,21 @@ struct Args {
     /// Give up waiting for Postgres after this many seconds without progress.
     #[arg(long, default_value_t = 60)]
     stall_secs: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    Realistic,
+    BackToBack,
+}
+
+impl Order {
+    fn name(self) -> &'static str {
+        match self {
+            Order::Realistic => "realistic order",
+            Order::BackToBack => "back-to-back order",
+        }
+    }
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -194,7 +214,7 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
     let mut ceilings = Vec::new();
     if !args.no_ceilings {
         let trivial = trivial_server().await?;
-        let r = send_all(args, &client, &[format!("http://{trivial}")], &requests).await;
+        let r = send_on_load_runtime(args, &client, &[format!("http://{trivial}")], &requests).await;
         ceilings.push(format!(
             "ceiling, trivial HTTP server (same load generator): {:.0} req/s, p50 {:.2?} p99 {:.2?} max {:.2?}",
             r.rate(),
@@ -213,9 +233,31 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
     }
 
     let (service, bases) = Service::start(args, cfg, vars).await?;
+    // The bench's own connection, whose backend the meter counts apart from the service's.
+    let mut waiter = PgConnection::connect(cfg.database_url.expose()).await?;
+    let waiter_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut waiter).await?;
+    let watch = Watch {
+        db_name: cfg.database_url.expose().rsplit('/').next().unwrap_or_default().to_string(),
+        postmaster: proc_stat(&format!("/proc/{waiter_pid}/stat")).filter(|s| s.0 == "postgres").map(|s| s.1),
+        bench_backends: vec![waiter_pid as u32],
+        children: service.pids(args),
+    };
+    if watch.postmaster.is_none() {
+        println!("note: Postgres's processes are not visible here (another machine?): its CPU is not measured");
+    }
+    let wal0: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(&mut waiter).await?;
+    let wal_stats0 = wal_stats(&mut waiter).await?;
+    let load_before = load_average();
+    let meter = Meter::start(watch);
     let wall_start: DateTime<Utc> = Utc::now();
-    let sent = send_all(args, &client, &bases, &requests).await;
-    let settled = wait_settled(&pool, expect.events, Duration::from_secs(args.stall_secs)).await?;
+    let sent = send_on_load_runtime(args, &client, &bases, &requests).await;
+    let settled = wait_settled(&mut waiter, expect.events, Duration::from_secs(args.stall_secs)).await?;
+    let cpu = meter.stop();
+    let load_after = load_average();
+    let wal_bytes: i64 = sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::pg_lsn)::int8")
+        .bind(&wal0)
+        .fetch_one(&mut waiter)
+        .await?;
     service.stop().await;
 
     let check = check_rows(&pool, &expect).await?;
@@ -259,10 +301,115 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
     for c in &ceilings {
         println!("{c}");
     }
+    print_cpu(&cpu, check.events_applied.max(1), &load_before, &load_after);
+    // Backends flush their WAL counters when they end: the service's have by now.
+    let wal_stats1 = wal_stats(&mut waiter).await?;
+    print_storage(&mut waiter, check.events_applied.max(1), wal_bytes, wal_stats0, wal_stats1).await?;
+    waiter.close().await?;
     pool.close().await;
     if check.lost() > 0 || check.doubled() > 0 {
         anyhow::bail!("the end state is wrong");
     }
+    Ok(())
+}
+
+fn print_cpu(cpu: &CpuUse, events: usize, before: &str, after: &str) {
+    let per = |s: f64| s * 1e6 / events as f64;
+    println!(
+        "cpu while the service ran ({:.1?} wall, first request to last row; load average before {before}, after {after}):",
+        cpu.wall
+    );
+    let mut listed = 0.0;
+    let mut parts: Vec<&(String, f64)> = cpu.parts.iter().collect();
+    parts.sort_by(|a, b| a.0.cmp(&b.0));
+    for (part, secs) in parts {
+        listed += secs;
+        println!("  {part:42} {secs:7.1} s  {:6.0} µs/event", per(*secs));
+    }
+    let capacity = cpu.wall.as_secs_f64() * cpu.cores as f64;
+    println!(
+        "  {:42} {:7.1} s  {:6.0} µs/event",
+        "Postgres + RabbitMQ + service + load (ours)",
+        cpu.parts
+            .iter()
+            .filter(|(p, _)| !p.contains("not ours") && !p.starts_with("bench:"))
+            .map(|(_, s)| s)
+            .sum::<f64>(),
+        per(cpu
+            .parts
+            .iter()
+            .filter(|(p, _)| !p.contains("not ours") && !p.starts_with("bench:"))
+            .map(|(_, s)| s)
+            .sum::<f64>())
+    );
+    println!(
+        "  machine: busy {:.1} s, idle {:.1} s: {:.0}% of {} cores busy; not listed above (others' compilers and tests, kernel) {:.1} s",
+        cpu.machine_busy,
+        cpu.machine_idle,
+        100.0 * cpu.machine_busy / capacity.max(1e-9),
+        cpu.cores,
+        (cpu.machine_busy - listed).max(0.0)
+    );
+    let service: f64 = cpu.parts.iter().filter(|(p, _)| p.starts_with("service")).map(|(_, s)| s).sum();
+    let pg: f64 =
+        cpu.parts.iter().filter(|(p, _)| p.starts_with("Postgres") && !p.contains("not ours")).map(|(_, s)| s).sum();
+    println!(
+        "  per event: Postgres {:.0} µs (service's backends and background), RabbitMQ {:.0} µs, service {:.0} µs, load generator {:.0} µs",
+        per(pg - cpu.get("Postgres: the bench's own queries")),
+        per(cpu.get("RabbitMQ (beam.smp)")),
+        per(service),
+        per(cpu.get("load generator"))
+    );
+}
+
+/// `pg_stat_wal`: (records, full-page images, bytes), cluster-wide.
+async fn wal_stats(conn: &mut PgConnection) -> anyhow::Result<(i64, i64, i64)> {
+    Ok(sqlx::query_as("SELECT wal_records::int8, wal_fpi::int8, wal_bytes::int8 FROM pg_stat_wal")
+        .fetch_one(&mut *conn)
+        .await?)
+}
+
+/// The worker's schema on disk after the run (tables, indexes and TOAST), and WAL written, per event.
+async fn print_storage(
+    conn: &mut PgConnection,
+    events: usize,
+    wal_bytes: i64,
+    w0: (i64, i64, i64),
+    w1: (i64, i64, i64),
+) -> anyhow::Result<()> {
+    let tables: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_total_relation_size(c.oid)::int8, pg_indexes_size(c.oid)::int8,
+                COALESCE(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0)::int8
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = 'webhook_worker' AND c.relkind IN ('r', 'm')
+          ORDER BY 2 DESC",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let total: i64 = tables.iter().map(|t| t.1).sum();
+    let per = |b: i64| b as f64 / events as f64;
+    println!(
+        "storage: schema webhook_worker {:.1} MB after the run, {:.0} B per accepted event (tables + indexes + TOAST)",
+        total as f64 / 1e6,
+        per(total)
+    );
+    for (name, all, idx, toast) in tables.iter().filter(|t| t.1 > 0).take(6) {
+        println!(
+            "  {name:28} {:7.0} B/event (indexes {:.0}, TOAST {:.0}, heap {:.0})",
+            per(*all),
+            per(*idx),
+            per(*toast),
+            per(all - idx - toast)
+        );
+    }
+    println!(
+        "WAL: {:.0} B per event (insert LSN delta {:.1} MB); pg_stat_wal: {:.1} records and {:.2} full-page images per event, {:.0} B/event (cluster-wide: others' writes on a shared server count too)",
+        per(wal_bytes),
+        wal_bytes as f64 / 1e6,
+        (w1.0 - w0.0) as f64 / events as f64,
+        (w1.1 - w0.1) as f64 / events as f64,
+        per(w1.2 - w0.2)
+    );
     Ok(())
 }
 
@@ -276,7 +423,7 @@ fn mode(args: &Args) -> String {
     } else {
         "in-process `run`".to_string()
     };
-    format!("{load}, {procs}")
+    format!("{}, {load}, {procs}", args.order.name())
 }
 
 // ---- the workload ---------------------------------------------------------------------------
@@ -311,11 +458,12 @@ async fn workload(args: &Args, pool: &PgPool) -> anyhow::Result<(Expect, Vec<Req
 
     // Each request gets a position in [0, 1); the workload is sent in that order.
     let mut slotted: Vec<(f64, Req)> = Vec::new();
-    let n_calls = (args.calls * 6).max(1) as f64;
+    let total = (args.calls * 6 + args.bookings + args.stripe_users * 3).max(1);
+    let schedule = CallSchedule::new(args.order, args.calls, total);
     for i in 0..args.calls {
         let b = businesses[i % businesses.len()];
-        for (j, req) in call_requests(i, b).into_iter().enumerate() {
-            slotted.push(((i * 6 + j) as f64 / n_calls, req));
+        for (req, at) in call_requests(i, b).into_iter().zip(schedule.positions(i)) {
+            slotted.push((at, req));
         }
     }
     for i in 0..args.bookings {
@@ -333,6 +481,65 @@ async fn workload(args: &Args, pool: &PgPool) -> anyhow::Result<(Expect, Vec<Req
     let requests: Vec<Req> = slotted.into_iter().map(|(_, r)| r).collect();
     let expect = Expect { businesses, users, calls: args.calls, bookings: args.bookings, events: requests.len() };
     Ok((expect, requests))
+}
+
+/// Where a call's six callbacks sit in the run (positions in [0, 1)).
+///
+/// Back to back: call `i`'s callbacks take slots `6i .. 6i+5`. Realistic: calls
+/// start evenly over the run and each callback follows the one before it after
+/// a gap counted in requests of the whole workload: ringing 100–200 after
+/// initiated, answered 100–400 later, completed 200–1,500 later (the
+/// conversation), the recording 100–300 after the end and the transcription
+/// 300–1,200 after that. So at any moment a few hundred calls of every business
+/// are in progress and a worker batch almost never holds two events of one call.
+struct CallSchedule {
+    order: Order,
+    calls: usize,
+    /// One request's share of the run, scaled down if a call's span would not fit.
+    unit: f64,
+    /// The share of the run in which calls start (the rest is the last calls' tail).
+    starts: f64,
+}
+
+/// Gaps in requests before each callback of a call (the first is its start).
+const CALL_GAPS: [(u64, u64); 6] = [(0, 0), (100, 200), (100, 400), (200, 1_500), (100, 300), (300, 1_200)];
+
+impl CallSchedule {
+    fn new(order: Order, calls: usize, total_requests: usize) -> Self {
+        let longest: u64 = CALL_GAPS.iter().map(|(_, hi)| hi).sum();
+        let unit = (1.0 / total_requests as f64).min(0.5 / longest as f64);
+        CallSchedule { order, calls: calls.max(1), unit, starts: 1.0 - unit * longest as f64 }
+    }
+
+    fn positions(&self, i: usize) -> Vec<f64> {
+        match self.order {
+            Order::BackToBack => (0..6).map(|j| (i * 6 + j) as f64 / (self.calls * 6) as f64).collect(),
+            Order::Realistic => {
+                let mut rng = SplitMix(i as u64);
+                let mut at = self.starts * i as f64 / self.calls as f64;
+                CALL_GAPS
+                    .iter()
+                    .map(|(lo, hi)| {
+                        at += (lo + rng.next() % (hi - lo + 1)) as f64 * self.unit;
+                        at
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// A small deterministic generator (splitmix64): the same workload every run.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
 }
 
 async fn insert_user(pool: &PgPool, name: &str) -> anyhow::Result<i32> {
@@ -624,6 +831,33 @@ async fn send_all(args: &Args, client: &reqwest::Client, bases: &[String], reque
     Sent { ok: latencies.len(), latencies, retries: retries.load(Ordering::Relaxed), elapsed }
 }
 
+/// The load generator runs on its own runtime, in threads named `bench-load`, so
+/// that its CPU is told apart from an in-process service's.
+fn load_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(LOAD_THREAD)
+            .enable_all()
+            .build()
+            .expect("the load generator's runtime")
+    })
+}
+
+async fn send_on_load_runtime(
+    args: &Args,
+    client: &reqwest::Client,
+    bases: &[String],
+    requests: &Arc<Vec<Req>>,
+) -> Sent {
+    let (args, client, bases, requests) = (args.clone(), client.clone(), bases.to_vec(), requests.clone());
+    load_runtime()
+        .spawn(async move { send_all(&args, &client, &bases, &requests).await })
+        .await
+        .expect("load generator")
+}
+
 async fn send_one(client: &reqwest::Client, base: &str, req: &Req, retries: &AtomicUsize) {
     for attempt in 0.. {
         let mut r = client.post(format!("{base}{}", req.path)).body(req.body.clone());
@@ -771,6 +1005,18 @@ impl Service {
         Ok((service, bases))
     }
 
+    /// The child processes and their role (`serve` ones first, as started).
+    fn pids(&self, args: &Args) -> Vec<(u32, &'static str)> {
+        match self {
+            Service::InProcess(_) => Vec::new(),
+            Service::Children(children) => children
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.id(), if i < args.serve { "serve" } else { "work" }))
+                .collect(),
+        }
+    }
+
     async fn stop(self) {
         match self {
             Service::InProcess(running) => running.stop().await,
@@ -787,11 +1033,11 @@ impl Service {
 }
 
 /// Waits until the inbox holds `events` keys; gives up after `stall` without progress.
-async fn wait_settled(pool: &PgPool, events: usize, stall: Duration) -> anyhow::Result<Duration> {
+async fn wait_settled(conn: &mut PgConnection, events: usize, stall: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let (mut last_n, mut last_change) = (-1i64, Instant::now());
     loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox").fetch_one(pool).await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox").fetch_one(&mut *conn).await?;
         if n as usize >= events {
             return Ok(started.elapsed());
         }
@@ -801,7 +1047,7 @@ async fn wait_settled(pool: &PgPool, events: usize, stall: Duration) -> anyhow::
             eprintln!("no progress for {stall:?} at {n} of {events} events; checking what is there");
             return Ok(started.elapsed());
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -911,4 +1157,211 @@ async fn cleanup(db_name: &str, prefix: &str, topo: &Topology) {
             .await;
     }
     println!("bench: removed database {db_name} and the {prefix}.* queues and exchanges");
+}
+
+// ---- where the CPU goes ---------------------------------------------------------------------
+
+/// The thread names that let the bench tell its own parts apart in `/proc/self/task`.
+const LOAD_THREAD: &str = "bench-load";
+const METER_THREAD: &str = "bench-meter";
+
+/// CPU seconds of each part of the path while the service ran, sampled from
+/// `/proc` every 200 ms (a process that ends between two samples loses at most
+/// its last 200 ms). Postgres is the postmaster and its children, told apart by
+/// the database in a backend's title; RabbitMQ is every `beam.smp`; the load
+/// generator is this process's `bench-load` threads; the service is the
+/// `micro8gents` children, or, in process, the rest of this process.
+struct Meter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<CpuUse>,
+}
+
+/// What the meter knows of the processes to watch.
+#[derive(Clone)]
+struct Watch {
+    db_name: String,
+    postmaster: Option<u32>,
+    /// Backends of the bench's own queries (waiting for the rows), not the service's.
+    bench_backends: Vec<u32>,
+    /// `micro8gents` children and their role.
+    children: Vec<(u32, &'static str)>,
+}
+
+#[derive(Default, Debug)]
+struct CpuUse {
+    /// CPU seconds per part, in the order first seen.
+    parts: Vec<(String, f64)>,
+    /// Every core's busy and idle seconds (`/proc/stat`).
+    machine_busy: f64,
+    machine_idle: f64,
+    wall: Duration,
+    cores: usize,
+}
+
+impl CpuUse {
+    fn get(&self, part: &str) -> f64 {
+        self.parts.iter().filter(|(p, _)| p == part).map(|(_, s)| s).sum()
+    }
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// `/proc/<pid>/stat`: (comm, ppid, utime + stime ticks, start time).
+fn proc_stat(path: &str) -> Option<(String, u32, u64, u64)> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let (open, close) = (s.find('(')?, s.rfind(')')?);
+    let comm = s[open + 1..close].to_string();
+    let rest: Vec<&str> = s[close + 2..].split_whitespace().collect();
+    let num = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some((comm, num(1)? as u32, num(11)? + num(12)?, num(19)?))
+}
+
+/// Every core's (busy, idle) ticks since boot.
+fn machine_ticks() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> =
+        s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    // user nice system [idle iowait] irq softirq steal
+    (at(0) + at(1) + at(2) + at(5) + at(6) + at(7), at(3) + at(4))
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+impl Watch {
+    /// The part a process belongs to, or `None` to leave it out.
+    fn part(&self, pid: u32, comm: &str, ppid: u32) -> Option<String> {
+        if pid == std::process::id() {
+            return None; // counted by thread
+        }
+        if let Some((_, role)) = self.children.iter().find(|(p, _)| *p == pid) {
+            return Some(format!("service: micro8gents {role}"));
+        }
+        if comm == "beam.smp" {
+            return Some("RabbitMQ (beam.smp)".into());
+        }
+        let postmaster = self.postmaster?;
+        if pid == postmaster {
+            return Some("Postgres: background".into());
+        }
+        if ppid != postmaster {
+            return None;
+        }
+        if self.bench_backends.contains(&pid) {
+            return Some("Postgres: the bench's own queries".into());
+        }
+        let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let title = String::from_utf8_lossy(&title).replace('\0', " ");
+        Some(if title.split_whitespace().any(|w| w == self.db_name) {
+            "Postgres: the service's backends".into()
+        } else if title.split_whitespace().any(|w| w == "[local]" || (w.contains('(') && w.ends_with(')'))) {
+            // A backend of another database: others' tests on a shared server.
+            "Postgres: other databases (not ours)".into()
+        } else {
+            "Postgres: background".into()
+        })
+    }
+}
+
+impl Meter {
+    fn start(watch: Watch) -> Meter {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(METER_THREAD.into())
+            .spawn(move || {
+                let hz = clock_ticks();
+                let started = Instant::now();
+                let m0 = machine_ticks();
+                // (pid, start time) -> (part, ticks at the first sample or 0 if born later, last ticks)
+                let mut seen: HashMap<(u32, u64), (String, u64, u64)> = HashMap::new();
+                let mut own: HashMap<u32, (String, u64, u64)> = HashMap::new();
+                let mut first = true;
+                let own_total =
+                    |hz: f64| proc_stat(&format!("/proc/{}/stat", std::process::id())).map_or(0.0, |s| s.2 as f64 / hz);
+                let own0 = own_total(hz);
+                loop {
+                    let stopping = flag.load(Ordering::Relaxed);
+                    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                            continue;
+                        };
+                        let Some((comm, ppid, ticks, start)) = proc_stat(&format!("/proc/{pid}/stat")) else {
+                            continue;
+                        };
+                        if let Some(slot) = seen.get_mut(&(pid, start)) {
+                            slot.2 = ticks;
+                        } else if let Some(part) = watch.part(pid, &comm, ppid) {
+                            seen.insert((pid, start), (part, if first { ticks } else { 0 }, ticks));
+                        }
+                    }
+                    let tasks = format!("/proc/{}/task", std::process::id());
+                    for entry in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+                        let Some(tid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                            continue;
+                        };
+                        if let Some((comm, _, ticks, _)) = proc_stat(&format!("{tasks}/{tid}/stat")) {
+                            own.entry(tid).or_insert_with(|| (comm, if first { ticks } else { 0 }, ticks)).2 = ticks;
+                        }
+                    }
+                    first = false;
+                    if stopping {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                let m1 = machine_ticks();
+                let mut parts: Vec<(String, f64)> = Vec::new();
+                let mut add = |part: &str, secs: f64| match parts.iter_mut().find(|(p, _)| p == part) {
+                    Some((_, s)) => *s += secs,
+                    None => parts.push((part.to_string(), secs)),
+                };
+                for (part, t0, t1) in seen.values() {
+                    add(part, t1.saturating_sub(*t0) as f64 / hz);
+                }
+                let (mut load, mut meter) = (0.0, 0.0);
+                for (comm, t0, t1) in own.values() {
+                    let secs = t1.saturating_sub(*t0) as f64 / hz;
+                    if comm.starts_with(LOAD_THREAD) {
+                        load += secs;
+                    } else if comm.starts_with(METER_THREAD) {
+                        meter += secs;
+                    }
+                }
+                let rest = (own_total(hz) - own0 - load - meter).max(0.0);
+                if watch.children.is_empty() {
+                    add("service: in this process (`run`)", rest);
+                } else {
+                    add("bench: waiting for the rows", rest);
+                }
+                add("load generator", load);
+                add("bench: this meter", meter);
+                CpuUse {
+                    parts,
+                    machine_busy: m1.0.saturating_sub(m0.0) as f64 / hz,
+                    machine_idle: m1.1.saturating_sub(m0.1) as f64 / hz,
+                    wall: started.elapsed(),
+                    cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                }
+            })
+            .expect("a meter thread");
+        Meter { stop, thread }
+    }
+
+    fn stop(self) -> CpuUse {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
 }
