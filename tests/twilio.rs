@@ -452,3 +452,86 @@ async fn a_burst_waiting_for_a_fresh_secret_shares_the_database_reads() {
     assert!(matches!(store.fresh(b, Provider::Twilio).await, Ok(Lookup::NoActiveIntegration)));
     app.stop().await;
 }
+
+/// On real traffic a batch holds events of many calls and rarely two of one
+/// call, so the worker locks all of a batch's calls in one statement and writes
+/// all their rows in one more. Calls seen before and calls new in the batch, a
+/// leg transferring its parent, a recording and a status older than the one
+/// applied must all end as if each callback had come alone.
+#[tokio::test]
+async fn a_batch_of_many_calls_ends_as_if_each_came_alone() {
+    let app = TestApp::spawn_with(|v| {
+        // One lane and a long wait for company: the second wave lands in one or two batches.
+        v.insert("BATCH_WAIT".into(), "300ms".into());
+        v.insert("WORKER_CONCURRENCY".into(), "1".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    let sid = |i: usize| format!("CA{i:032x}");
+    let send = |calls: Vec<(&'static str, Vec<(String, String)>)>| {
+        let app = &app;
+        async move {
+            let answers =
+                futures_util::future::join_all(calls.iter().map(|(endpoint, p)| post(app, b, endpoint, TOKEN, p)))
+                    .await;
+            assert!(answers.iter().all(|a| *a == 204), "{answers:?}");
+        }
+    };
+    // Calls 0..10 are in progress before the batch.
+    send((0..10).map(|i| ("call-status", status(&sid(i), "in-progress", "2", 3))).collect()).await;
+    app.settled(10).await;
+
+    let mut wave: Vec<(&'static str, Vec<(String, String)>)> = Vec::new();
+    for i in 0..5 {
+        wave.push(("call-status", status(&sid(i), "completed", "3", 9))); // seen before: ends
+    }
+    wave.push(("call-status", status(&sid(5), "ringing", "1", 1))); // older than in-progress: ignored
+    let mut leg = status("CA99999999999999999999999999999999", "in-progress", "1", 4);
+    leg.push(("ParentCallSid".into(), sid(6)));
+    wave.push(("call-status", leg)); // call 6 handed to a person
+    wave.push(("recording", recording(&sid(7))));
+    for i in 10..20 {
+        wave.push(("call-status", status(&sid(i), "ringing", "1", 1))); // new in the batch
+    }
+    let mut first_word = recording(&sid(20)); // a call's first word is its recording
+    first_word[1].1 = "RE20202020202020202020202020202020".into();
+    wave.push(("recording", first_word));
+    send(wave).await;
+    app.settled(10 + 19).await;
+
+    let rows: Vec<(String, String, chrono::NaiveDateTime, Option<NaiveDateTime>, Option<String>, bool)> =
+        sqlx::query_as(
+            "SELECT m.call_sid, c.status::text, c.start_time, c.end_time, c.duration, c.recording IS NOT NULL
+           FROM webhook_worker.twilio_calls m JOIN calls c ON c.id = m.call_id
+          WHERE c.business_id = $1 ORDER BY m.call_sid",
+        )
+        .bind(b)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(calls_of(&app.pool, b).await.len(), 21, "one row per call, none for the leg");
+    assert_eq!(rows.len(), 21, "{rows:?}");
+    for (i, (call, status, start, end, duration, recorded)) in rows.iter().enumerate() {
+        assert_eq!(call, &sid(i));
+        let expected = match i {
+            0..5 => ("completed", at(3), Some(at(9)), Some("2:05")),
+            5 => ("in-progress", at(1), None, None),
+            6 => ("transferred", at(3), None, None),
+            7..10 => ("in-progress", at(3), None, None),
+            10..20 => ("in-progress", at(1), None, None), // ringing is shown as in-progress
+            _ => ("in-progress", at(8), None, None),
+        };
+        assert_eq!(
+            (status.as_str(), *start, *end, duration.as_deref()),
+            expected,
+            "call {i}: status, start, end, duration"
+        );
+        assert_eq!(*recorded, i == 7 || i == 20, "call {i}: recording");
+    }
+    let ignored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox WHERE outcome LIKE 'ignored:%'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(ignored, 1, "the stale ringing of call 5");
+    app.stop().await;
+}

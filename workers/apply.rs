@@ -50,6 +50,9 @@ async fn apply_in_one_transaction<A: Applier>(ctx: &WorkerContext, items: &[Item
         items.iter().filter_map(|i| i.envelope.as_ref().ok().map(|env| (env, i.raw()))).collect();
     let mut fresh = inbox::claim_all(&mut tx, &entries).await?;
     let mut writes = Deferred::<A>::new(ctx);
+    let claimed: Vec<&crate::events::Envelope> =
+        entries.iter().map(|(env, _)| *env).filter(|env| fresh.contains(env.key.as_str())).collect();
+    A::prepare(&mut tx, &mut writes.family, &claimed).await?;
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         // The first item of a key claimed it; a second copy in the same batch is a duplicate.

@@ -4,6 +4,8 @@
 //! locked for the transaction and holds what the guard needs; the decision of
 //! what to write is a pure function ([`plan_status`]) of that state and the event.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::PgConnection;
 
@@ -125,6 +127,12 @@ impl Applier for Calls {
             }
             other => Ok(super::not_of_family(Self::FAMILY, other)),
         }
+    }
+
+    async fn prepare(tx: &mut PgConnection, writes: &mut CallWrites, fresh: &[&Envelope]) -> Result<(), sqlx::Error> {
+        let calls: Vec<(BusinessId, &str)> =
+            fresh.iter().filter_map(|env| Some((env.business_id?, call_of(&env.event)?))).collect();
+        writes.lock_all(tx, &calls).await
     }
 
     async fn flush(tx: &mut PgConnection, writes: &mut CallWrites) -> Result<(), sqlx::Error> {
@@ -324,18 +332,64 @@ impl CallWrites {
         Ok(&mut self.calls[i])
     }
 
-    /// Sends each call's merged change: one statement per call. Each call's
-    /// [`PendingCall::happened`] is known here, inside the transaction that
-    /// commits it: the place to decide a notice about it.
-    pub async fn flush(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
-        for mut c in self.calls.drain(..).filter(|c| c.recorded) {
-            if c.realtime_changed {
-                let text = transcripts::recompute_realtime(tx, c.business, &c.call_sid).await?;
-                c.store_transcript(Source::Realtime, text, Utc::now());
-            }
-            write_call(tx, c.business, &c.call_sid, &c.locked, &c.change, &c.state).await?;
+    /// Locks every call that `calls` names, in two statements at most for the
+    /// whole batch instead of one per call (see [`lock_calls`]); a call this
+    /// transaction has already locked is skipped. Later [`CallWrites::call`]s
+    /// of these calls cost no round trip.
+    pub async fn lock_all(&mut self, tx: &mut PgConnection, calls: &[(BusinessId, &str)]) -> Result<(), sqlx::Error> {
+        let mut wanted: Vec<(BusinessId, &str)> = calls
+            .iter()
+            .copied()
+            .filter(|(b, sid)| !self.calls.iter().any(|c| c.business == *b && c.call_sid == *sid))
+            .collect();
+        wanted.sort_unstable_by(|a, b| (a.0.0, a.1).cmp(&(b.0.0, b.1)));
+        wanted.dedup_by(|a, b| (a.0.0, a.1) == (b.0.0, b.1));
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        for (business, call_sid, locked) in lock_calls(tx, &wanted).await? {
+            self.calls.push(PendingCall {
+                business,
+                call_sid,
+                state: locked.clone(),
+                locked,
+                change: CallChange::default(),
+                recorded: false,
+                happened: Vec::new(),
+                realtime_changed: false,
+            });
         }
         Ok(())
+    }
+
+    /// Sends every call's merged change: one statement for all the calls of
+    /// the batch. Each call's [`PendingCall::happened`] is known here, inside
+    /// the transaction that commits it: the place to decide a notice about it.
+    pub async fn flush(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let mut pending: Vec<PendingCall> = self.calls.drain(..).filter(|c| c.recorded).collect();
+        for c in pending.iter_mut().filter(|c| c.realtime_changed) {
+            let text = transcripts::recompute_realtime(tx, c.business, &c.call_sid).await?;
+            c.store_transcript(Source::Realtime, text, Utc::now());
+        }
+        if !pending.is_empty() {
+            write_calls(tx, &pending).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The call a Twilio event will surely lock and write, if it is one whose
+/// call is known before it is applied: a status callback (of an answered leg,
+/// its parent) and a completed recording. Other events (transcripts) lock
+/// their call when they are applied, as before.
+pub fn call_of(event: &Event) -> Option<&str> {
+    match event {
+        Event::TwilioCallStatus(e) => match &e.parent_call_sid {
+            None => Some(&e.call_sid),
+            Some(parent) => leg_was_answered(e.status).then_some(parent.as_str()),
+        },
+        Event::TwilioRecording(e) => (e.url.is_some() && e.status == "completed").then_some(e.call_sid.as_str()),
+        _ => None,
     }
 }
 
@@ -368,6 +422,125 @@ async fn lock_call(tx: &mut PgConnection, business: BusinessId, call_sid: &str) 
     .bind(call_sid)
     .fetch_one(&mut *tx)
     .await
+}
+
+type LockedRow = (i32, String, Option<i32>, Option<i64>, bool, bool, Option<NaiveDateTime>, Option<String>);
+
+/// Locks the state rows of `calls` (sorted, distinct) until the transaction
+/// ends: the ones that exist with one `SELECT ... FOR UPDATE` (taken in
+/// `(business_id, call_sid)` byte order, the order every batch is sorted in, so
+/// two workers cannot deadlock on them), then the ones still missing with one
+/// `INSERT ... ON CONFLICT DO UPDATE` (which also locks a row another worker
+/// inserted meanwhile). Locking an existing row this way writes nothing, where
+/// the upsert would write a new version of it.
+async fn lock_calls(
+    tx: &mut PgConnection,
+    calls: &[(BusinessId, &str)],
+) -> Result<Vec<(BusinessId, String, CallState)>, sqlx::Error> {
+    let businesses: Vec<i32> = calls.iter().map(|(b, _)| b.0).collect();
+    let sids: Vec<&str> = calls.iter().map(|(_, s)| *s).collect();
+    let mut rows: Vec<LockedRow> = sqlx::query_as(
+        "SELECT m.business_id, m.call_sid, m.call_id, m.last_sequence, m.reached_final, m.transferred, m.first_event_at,
+                m.transcript_source
+           FROM webhook_worker.twilio_calls m
+           JOIN unnest($1::int4[], $2::text[]) AS k(b, s) ON m.business_id = k.b AND m.call_sid = k.s
+          ORDER BY m.business_id, m.call_sid COLLATE \"C\"
+            FOR UPDATE OF m",
+    )
+    .bind(&businesses)
+    .bind(&sids)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.len() < calls.len() {
+        let found: HashSet<(i32, &str)> = rows.iter().map(|r| (r.0, r.1.as_str())).collect();
+        let (b, s): (Vec<i32>, Vec<&str>) = calls.iter().map(|(b, s)| (b.0, *s)).filter(|k| !found.contains(k)).unzip();
+        let new: Vec<LockedRow> = sqlx::query_as(
+            "INSERT INTO webhook_worker.twilio_calls (business_id, call_sid)
+             SELECT b, s FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS k(b, s, o) ORDER BY o
+             ON CONFLICT (business_id, call_sid) DO UPDATE SET call_sid = EXCLUDED.call_sid
+             RETURNING business_id, call_sid, call_id, last_sequence, reached_final, transferred, first_event_at,
+                       transcript_source",
+        )
+        .bind(&b)
+        .bind(&s)
+        .fetch_all(&mut *tx)
+        .await?;
+        rows.extend(new);
+    }
+    Ok(rows
+        .into_iter()
+        .map(|(b, sid, call_id, last_sequence, reached_final, transferred, first_event_at, transcript_source)| {
+            let state =
+                CallState { call_id, last_sequence, reached_final, transferred, first_event_at, transcript_source };
+            (BusinessId(b), sid, state)
+        })
+        .collect())
+}
+
+/// Writes every pending call's change to `public.calls` and its new guard state,
+/// in one statement: existing rows are updated (`COALESCE(new, old)` per
+/// column), the rows of calls seen for the first time are inserted with ids
+/// drawn from the table's own sequence, so that each state row learns its call's id.
+async fn write_calls(tx: &mut PgConnection, calls: &[PendingCall]) -> Result<(), sqlx::Error> {
+    if let [c] = calls {
+        // One call (a quiet moment): the plain statement is cheaper to plan.
+        return write_call(tx, c.business, &c.call_sid, &c.locked, &c.change, &c.state).await;
+    }
+    let col = |f: fn(&PendingCall) -> Option<&str>| calls.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(
+        "WITH u AS (
+            SELECT * FROM unnest($1::int4[], $2::text[], $3::int4[], $4::text[], $5::timestamp[], $6::timestamp[],
+                                 $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                                 $12::int8[], $13::bool[], $14::bool[], $15::timestamp[], $16::text[])
+                AS u(business_id, call_sid, call_id, status, start_time, end_time, duration, phone, caller,
+                     recording, transcript, last_sequence, reached_final, transferred, first_event_at,
+                     transcript_source)
+         ), fresh AS MATERIALIZED (
+            SELECT u.*, nextval(pg_get_serial_sequence('public.calls', 'id'))::int4 AS new_id
+              FROM u WHERE u.call_id IS NULL
+         ), ins AS (
+            INSERT INTO public.calls (id, business_id, status, start_time, end_time, duration, phone, caller, recording, transcript)
+            SELECT new_id, business_id, COALESCE(status, 'in-progress')::public.call_status,
+                   COALESCE(start_time, (now() AT TIME ZONE 'UTC')), end_time, duration, phone, caller, recording, transcript
+              FROM fresh
+         ), upd AS (
+            UPDATE public.calls c SET
+                status = COALESCE(u.status::public.call_status, c.status),
+                start_time = COALESCE(u.start_time, c.start_time),
+                end_time = COALESCE(u.end_time, c.end_time),
+                duration = COALESCE(u.duration, c.duration),
+                phone = COALESCE(u.phone, c.phone),
+                caller = COALESCE(u.caller, c.caller),
+                recording = COALESCE(u.recording, c.recording),
+                transcript = COALESCE(u.transcript, c.transcript)
+              FROM u WHERE c.id = u.call_id
+         )
+         UPDATE webhook_worker.twilio_calls m
+            SET call_id = COALESCE(m.call_id, f.new_id), last_sequence = u.last_sequence,
+                reached_final = u.reached_final, transferred = u.transferred, first_event_at = u.first_event_at,
+                transcript_source = u.transcript_source
+           FROM u LEFT JOIN fresh f ON f.business_id = u.business_id AND f.call_sid = u.call_sid
+          WHERE m.business_id = u.business_id AND m.call_sid = u.call_sid",
+    )
+    .bind(calls.iter().map(|c| c.business.0).collect::<Vec<_>>())
+    .bind(col(|c| Some(c.call_sid.as_str())))
+    .bind(calls.iter().map(|c| c.locked.call_id).collect::<Vec<_>>())
+    .bind(col(|c| c.change.status))
+    .bind(calls.iter().map(|c| c.change.start_time).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.change.end_time).collect::<Vec<_>>())
+    .bind(col(|c| c.change.duration.as_deref()))
+    .bind(col(|c| c.change.phone.as_deref()))
+    .bind(col(|c| c.change.caller.as_deref()))
+    .bind(col(|c| c.change.recording.as_deref()))
+    .bind(col(|c| c.change.transcript.as_deref()))
+    .bind(calls.iter().map(|c| c.state.last_sequence).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.state.reached_final).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.state.transferred).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.state.first_event_at).collect::<Vec<_>>())
+    .bind(col(|c| c.state.transcript_source.as_deref()))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// Writes the change to `public.calls` (creating the row on the call's first

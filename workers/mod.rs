@@ -57,6 +57,18 @@ pub trait Applier: Send + Sync + 'static {
         env: &Envelope,
     ) -> impl Future<Output = Result<Outcome, ApplyError>> + Send;
 
+    /// Before the batch's events are applied, with every event that claimed its
+    /// key: a family may take what they all need in one round trip (the calls
+    /// family locks all their calls at once) instead of one per event.
+    fn prepare(
+        tx: &mut PgConnection,
+        writes: &mut Self::Writes,
+        fresh: &[&Envelope],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+        let _ = (tx, writes, fresh);
+        async { Ok(()) }
+    }
+
     /// Sends what `apply` gathered, before the commit.
     fn flush(tx: &mut PgConnection, writes: &mut Self::Writes) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 }
