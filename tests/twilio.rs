@@ -499,16 +499,16 @@ async fn a_batch_of_many_calls_ends_as_if_each_came_alone() {
     send(wave).await;
     app.settled(10 + 19).await;
 
-    let rows: Vec<(String, String, chrono::NaiveDateTime, Option<NaiveDateTime>, Option<String>, bool)> =
-        sqlx::query_as(
-            "SELECT m.call_sid, c.status::text, c.start_time, c.end_time, c.duration, c.recording IS NOT NULL
+    type Row = (String, String, NaiveDateTime, Option<NaiveDateTime>, Option<String>, bool);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT m.call_sid, c.status::text, c.start_time, c.end_time, c.duration, c.recording IS NOT NULL
            FROM webhook_worker.twilio_calls m JOIN calls c ON c.id = m.call_id
           WHERE c.business_id = $1 ORDER BY m.call_sid",
-        )
-        .bind(b)
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
+    )
+    .bind(b)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(calls_of(&app.pool, b).await.len(), 21, "one row per call, none for the leg");
     assert_eq!(rows.len(), 21, "{rows:?}");
     for (i, (call, status, start, end, duration, recorded)) in rows.iter().enumerate() {
