@@ -350,6 +350,14 @@ fn print_cpu(cpu: &CpuUse, events: usize, before: &str, after: &str) {
         cpu.cores,
         (cpu.machine_busy - listed).max(0.0)
     );
+    let ours: f64 =
+        cpu.parts.iter().filter(|(p, _)| !p.contains("not ours") && !p.starts_with("bench:")).map(|(_, s)| s).sum();
+    println!(
+        "  the path alone (Postgres, RabbitMQ, service, load generator) kept {:.0}% of {} cores busy ({:.2} cores)",
+        100.0 * ours / capacity.max(1e-9),
+        cpu.cores,
+        ours / cpu.wall.as_secs_f64().max(1e-9)
+    );
     let service: f64 = cpu.parts.iter().filter(|(p, _)| p.starts_with("service")).map(|(_, s)| s).sum();
     let pg: f64 =
         cpu.parts.iter().filter(|(p, _)| p.starts_with("Postgres") && !p.contains("not ours")).map(|(_, s)| s).sum();
