@@ -91,6 +91,8 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
     if role.works() {
         let ctx = Arc::new(WorkerContext::new(&cfg, pool.clone(), broker.clone(), topology.clone()));
         tasks.push(tokio::spawn(workers::run(ctx, shutdown.clone())));
+        let (retention, every) = (cfg.event_retention, cfg.event_prune_interval);
+        tasks.push(tokio::spawn(store::retention::maintain(pool.clone(), retention, every, shutdown.clone())));
     }
     // The ingress serves everything on LISTEN_ADDR; a `work` process serves its
     // health and metrics on METRICS_ADDR if one is set (several may share a host).

@@ -107,6 +107,10 @@ pub struct Config {
     /// Delays between the tries of an event that cannot be applied yet; one try more than delays.
     pub retry_delays: Vec<Duration>,
     pub shutdown_grace: Duration,
+    /// How long an accepted event's de-duplication key and logged envelope are kept.
+    pub event_retention: Duration,
+    /// How often a `run`/`work` process creates partitions ahead and prunes (at most an hour).
+    pub event_prune_interval: Duration,
     pub log_json: bool,
     /// Where a `work` process serves `/metrics`, `/healthz` and `/readyz`; none if unset.
     pub metrics_addr: Option<SocketAddr>,
@@ -171,6 +175,8 @@ impl Config {
             worker_concurrency: env.at_most("WORKER_CONCURRENCY", 4, 64)?,
             retry_delays: env.duration_list("RETRY_DELAYS", "5s,30s,2m,10m,1h")?,
             shutdown_grace: env.duration("SHUTDOWN_GRACE", "20s")?,
+            event_retention: env.positive_duration("EVENT_RETENTION", "30d")?,
+            event_prune_interval: env.duration_at_most("EVENT_PRUNE_INTERVAL", "1h", Duration::from_secs(3600))?,
             log_json: env.log_format("LOG_FORMAT")?,
             metrics_addr: env.optional("METRICS_ADDR", "an address like 0.0.0.0:9100")?,
             twilio_api_url: env.base_url("TWILIO_API_URL", "https://api.twilio.com")?,
@@ -207,6 +213,8 @@ impl Config {
             ("WORKER_CONCURRENCY", self.worker_concurrency.to_string()),
             ("RETRY_DELAYS", self.retry_delays.iter().map(|d| fmt_duration(*d)).collect::<Vec<_>>().join(",")),
             ("SHUTDOWN_GRACE", fmt_duration(self.shutdown_grace)),
+            ("EVENT_RETENTION", fmt_duration(self.event_retention)),
+            ("EVENT_PRUNE_INTERVAL", fmt_duration(self.event_prune_interval)),
             ("LOG_FORMAT", if self.log_json { "json" } else { "text" }.to_string()),
             ("METRICS_ADDR", self.metrics_addr.map_or_else(|| "(unset)".into(), |a| a.to_string())),
             ("TWILIO_API_URL", self.twilio_api_url.clone()),
@@ -242,6 +250,23 @@ impl Env<'_> {
             Ok(v) if v > T::default() => Ok(v),
             _ => Err(bad(name, format!("{raw:?} is not a positive whole number"))),
         }
+    }
+
+    fn positive_duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let d = self.duration(name, default)?;
+        if d.is_zero() {
+            return Err(bad(name, "must be longer than 0".to_string()));
+        }
+        Ok(d)
+    }
+
+    /// A positive duration no longer than `max`.
+    fn duration_at_most(&self, name: &'static str, default: &str, max: Duration) -> Result<Duration, ConfigError> {
+        let d = self.positive_duration(name, default)?;
+        if d > max {
+            return Err(bad(name, format!("{} is longer than the limit of {}", fmt_duration(d), fmt_duration(max))));
+        }
+        Ok(d)
     }
 
     /// A positive whole number no larger than `max`.
@@ -348,13 +373,14 @@ fn bad(name: &'static str, problem: String) -> ConfigError {
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("{raw:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
+    let n: u64 = number.parse().map_err(|_| format!("{raw:?} is not a duration like 250ms, 5s, 2m, 1h or 30d"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{raw:?} has an unknown unit (use ms, s, m or h)")),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        _ => return Err(format!("{raw:?} has an unknown unit (use ms, s, m, h or d)")),
     };
     Ok(d)
 }
@@ -362,6 +388,7 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
     match ms {
+        ms if ms % 86_400_000 == 0 && ms > 0 => format!("{}d", ms / 86_400_000),
         ms if ms % 3_600_000 == 0 && ms > 0 => format!("{}h", ms / 3_600_000),
         ms if ms % 60_000 == 0 && ms > 0 => format!("{}m", ms / 60_000),
         ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
@@ -429,9 +456,22 @@ mod tests {
 
     #[test]
     fn durations_round_trip() {
-        for raw in ["250ms", "5s", "2m", "1h"] {
+        for raw in ["250ms", "5s", "2m", "1h", "30d"] {
             assert_eq!(fmt_duration(parse_duration(raw).unwrap()), raw);
         }
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn retention_defaults_to_thirty_days_and_prunes_at_least_hourly() {
+        let cfg = Config::from_vars(&vars(&[])).unwrap();
+        assert_eq!(cfg.event_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(cfg.event_prune_interval, Duration::from_secs(3600));
+        let err = Config::from_vars(&vars(&[("EVENT_RETENTION", "0d")])).unwrap_err();
+        assert_eq!(err.to_string(), "invalid setting EVENT_RETENTION: must be longer than 0");
+        let err = Config::from_vars(&vars(&[("EVENT_RETENTION", "a month")])).unwrap_err();
+        assert!(err.to_string().starts_with("invalid setting EVENT_RETENTION: \"a month\" is not a duration"), "{err}");
+        let err = Config::from_vars(&vars(&[("EVENT_PRUNE_INTERVAL", "2h")])).unwrap_err();
+        assert_eq!(err.to_string(), "invalid setting EVENT_PRUNE_INTERVAL: 2h is longer than the limit of 1h");
     }
 }

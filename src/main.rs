@@ -41,6 +41,13 @@ enum Command {
     /// Look at and redrive the messages parked in the dead-letter queues.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Remove the de-duplication keys and logged envelopes of events accepted
+    /// longer ago than DURATION (whole UTC days); nothing in `public` is touched.
+    Prune {
+        /// e.g. 30d, 72h (default: EVENT_RETENTION)
+        #[arg(long, value_name = "DURATION", value_parser = micro8gents::config::parse_duration)]
+        older_than: Option<std::time::Duration>,
+    },
     /// Publish logged events (webhook_worker.inbox) again through the normal path;
     /// an event already applied is a duplicate and changes nothing.
     Replay {
@@ -164,6 +171,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         Command::Serve => Role::Serve,
         Command::Work => Role::Work,
         Command::Dlq(action) => return run_dlq(&cfg, action).await,
+        Command::Prune { older_than } => return run_prune(&cfg, older_than.unwrap_or(cfg.event_retention)).await,
         Command::Replay { provider, business, since } => {
             let filter = replay::Filter { provider, business: business.map(BusinessId), since };
             return run_replay(&cfg, filter).await;
@@ -260,6 +268,24 @@ async fn run_replay(cfg: &Config, filter: replay::Filter) -> anyhow::Result<()> 
         println!("skipped {key}: {reason}");
     }
     println!("{} event(s) published again, {} skipped", done.published, done.skipped.len());
+    Ok(())
+}
+
+async fn run_prune(cfg: &Config, older_than: std::time::Duration) -> anyhow::Result<()> {
+    let pool = store::pool(cfg, "micro8gents-prune")?;
+    store::retention::create_partitions(&pool).await?;
+    let pruned = store::retention::prune(&pool, older_than).await?;
+    let days: Vec<String> = pruned.days.iter().map(|d| d.to_string()).collect();
+    let kept = pruned.kept_from.map_or_else(String::new, |d| d.to_string());
+    println!(
+        "pruned events older than {}: {} day(s) of the event log dropped [{}], {} key(s) deleted{}; kept from {kept} (UTC)",
+        micro8gents::config::fmt_duration(older_than),
+        days.len(),
+        days.join(", "),
+        pruned.keys,
+        if pruned.legacy_dropped { ", the old inbox dropped" } else { "" },
+    );
+    pool.close().await;
     Ok(())
 }
 

@@ -117,6 +117,9 @@ pub struct Snapshot {
     pub pool: Option<(u32, u32)>,
     /// The outbox's depth and the age of its oldest row in seconds.
     pub outbox: Option<(i64, f64)>,
+    /// The worker schema's tables: size, rows and oldest entry, already in the
+    /// text format (`store::retention::storage_gauges`).
+    pub storage: Option<String>,
 }
 
 /// The whole text for one scrape: what was recorded, then the snapshot's gauges.
@@ -148,6 +151,9 @@ pub fn render(snapshot: &Snapshot) -> String {
         let _ = writeln!(out, "# HELP {OUTBOX_OLDEST_AGE} Age of the oldest event in the outbox (0 when empty).");
         let _ = writeln!(out, "# TYPE {OUTBOX_OLDEST_AGE} gauge");
         let _ = writeln!(out, "{OUTBOX_OLDEST_AGE} {age}");
+    }
+    if let Some(storage) = &snapshot.storage {
+        out.push_str(storage);
     }
     out
 }

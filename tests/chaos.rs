@@ -202,7 +202,7 @@ async fn every_answered_event_is_applied_exactly_once_through_a_broker_restart_a
     let keys: Vec<String> = answered.iter().map(|c| c.key.clone()).collect();
     let deadline = Instant::now() + Duration::from_secs(180);
     let found = loop {
-        let (found,): (i64,) = sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox WHERE event_key = ANY($1)")
+        let (found,): (i64,) = sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox_keys WHERE key_hash IN (SELECT webhook_worker.event_key_hash(k) FROM unnest($1::text[]) k)")
             .bind(&keys)
             .fetch_one(&pool)
             .await

@@ -261,12 +261,14 @@ async fn all_rows(app: &TestApp) -> i64 {
 }
 
 async fn inbox_outcome(app: &TestApp, evt: &str) -> Option<String> {
-    sqlx::query_as::<_, (String,)>("SELECT outcome FROM webhook_worker.inbox WHERE event_key = $1")
-        .bind(format!("stripe:{evt}"))
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap()
-        .map(|(o,)| o)
+    sqlx::query_as::<_, (String,)>(
+        "SELECT outcome FROM webhook_worker.inbox WHERE key_hash = webhook_worker.event_key_hash($1)",
+    )
+    .bind(format!("stripe:{evt}"))
+    .fetch_optional(&app.pool)
+    .await
+    .unwrap()
+    .map(|(o,)| o)
 }
 
 /// Waits until the worker has settled the event; its inbox outcome.
@@ -585,11 +587,12 @@ async fn unknown_event_types_are_recorded_not_applied() {
     );
     assert_eq!(apply(&app, &trial).await, "ignored: event type not applied");
     assert_eq!(row(&app, u).await, before);
-    let (kind,): (String,) =
-        sqlx::query_as("SELECT kind FROM webhook_worker.inbox WHERE event_key = 'stripe:evt_cust'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let (kind,): (String,) = sqlx::query_as(
+        "SELECT kind FROM webhook_worker.inbox WHERE key_hash = webhook_worker.event_key_hash('stripe:evt_cust')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(kind, "stripe_other");
     app.stop().await;
 }

@@ -411,7 +411,7 @@ async fn an_event_that_cannot_be_applied_is_retried_then_parked_with_the_reason(
     app.settled(1).await;
     assert_eq!(calls_of(&app.pool, b).await.len(), 1);
     let (parked,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox WHERE event_key = 'twilio:status:424242:test'")
+        sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox WHERE key_hash = webhook_worker.event_key_hash('twilio:status:424242:test')")
             .fetch_one(&app.pool)
             .await
             .unwrap();

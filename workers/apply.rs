@@ -1,6 +1,6 @@
 //! A batch applied in one transaction: every event claims its inbox key, then
-//! its family applies it; the family's gathered writes and the inbox notes are
-//! sent before the commit. An event that fails alone is isolated by applying
+//! its family applies it; the family's gathered writes and the event log's
+//! rows (each event with its outcome) are sent before the commit. An event that fails alone is isolated by applying
 //! the batch again, one event per transaction.
 
 use std::time::Duration;
@@ -11,7 +11,8 @@ use tracing::warn;
 
 use super::consumer::Item;
 use super::{Applier, ApplyError, Outcome, WorkerContext};
-use crate::store::inbox;
+use crate::events::Envelope;
+use crate::store::{event_log, inbox, retention};
 
 /// Applies the batch in one transaction, or, if one event fails, each event in
 /// its own. Waits out database outages; `None` means shutdown came first.
@@ -30,6 +31,11 @@ pub async fn apply_all<A: Applier>(
             Ok(outcomes) => return Some(outcomes),
             Err(e) => {
                 warn!(error = %e, pause_ms = pause.as_millis() as u64, "batch not applied; holding it and retrying");
+                if matches!(&e, ApplyError::Transient(db) if inbox::is_missing_partition(db))
+                    && let Err(e) = retention::create_partitions(&ctx.pool).await
+                {
+                    warn!(error = %e, "could not create the event log's partitions");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(pause) => {}
@@ -46,12 +52,10 @@ pub async fn apply_all<A: Applier>(
 async fn apply_in_one_transaction<A: Applier>(ctx: &WorkerContext, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
     let mut conn = ctx.pool.acquire().await?;
     let mut tx = conn.begin().await?;
-    let entries: Vec<inbox::Entry<'_>> =
-        items.iter().filter_map(|i| i.envelope.as_ref().ok().map(|env| (env, i.raw()))).collect();
-    let mut fresh = inbox::claim_all(&mut tx, &entries).await?;
-    let mut writes = Deferred::<A>::new(ctx);
-    let claimed: Vec<&crate::events::Envelope> =
-        entries.iter().map(|(env, _)| *env).filter(|env| fresh.contains(env.key.as_str())).collect();
+    let envs: Vec<&Envelope> = items.iter().filter_map(|i| i.envelope.as_ref().ok()).collect();
+    let mut fresh = inbox::claim_all(&mut tx, &envs).await?;
+    let mut writes = Deferred::<A>::new(ctx)?;
+    let claimed: Vec<&Envelope> = envs.iter().copied().filter(|env| fresh.contains(env.key.as_str())).collect();
     A::prepare(&mut tx, &mut writes.family, &claimed).await?;
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
@@ -70,7 +74,7 @@ async fn apply_one_by_one<A: Applier>(ctx: &WorkerContext, items: &[Item]) -> Re
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         let mut tx = conn.begin().await?;
-        let mut writes = Deferred::<A>::new(ctx);
+        let mut writes = Deferred::<A>::new(ctx)?;
         let applied = match apply_item(&mut tx, &mut writes, item).await {
             Ok(o) => writes.flush(&mut tx).await.map(|()| o).map_err(ApplyError::from),
             Err(e) => Err(e),
@@ -97,7 +101,7 @@ async fn apply_item<A: Applier>(
     item: &Item,
 ) -> Result<Outcome, ApplyError> {
     let claimed = match &item.envelope {
-        Ok(env) => inbox::claim(tx, env, item.raw()).await?,
+        Ok(env) => inbox::claim(tx, env).await?,
         Err(_) => false,
     };
     apply_claimed(tx, writes, item, claimed).await
@@ -121,8 +125,9 @@ async fn apply_claimed<A: Applier>(
     let outcome = A::apply(tx, &mut writes.family, env).await?;
     match &outcome {
         Outcome::Retry(_) | Outcome::Failed(_) => inbox::release(tx, &env.key).await?,
-        Outcome::Ignored(why) => writes.ignored.push((env.key.clone(), why)),
-        Outcome::Applied | Outcome::Flagged(_) | Outcome::Duplicate => {}
+        Outcome::Ignored(why) => writes.log(item, env, format!("ignored: {why}")),
+        Outcome::Applied | Outcome::Flagged(_) => writes.log(item, env, "applied".to_string()),
+        Outcome::Duplicate => {}
     }
     Ok(outcome)
 }
@@ -130,21 +135,34 @@ async fn apply_claimed<A: Applier>(
 /// Writes gathered while a transaction applies its events, sent before it commits.
 struct Deferred<A: Applier> {
     family: A::Writes,
-    /// Keys of events recorded but changing nothing, and why.
-    ignored: Vec<(String, &'static str)>,
+    /// The events settled in this transaction, for the event log.
+    settled: Vec<inbox::Settled>,
+    packer: event_log::EnvelopePacker,
 }
 
 impl<A: Applier> Deferred<A> {
-    fn new(ctx: &WorkerContext) -> Self {
-        Deferred { family: A::writes(ctx), ignored: Vec::new() }
+    fn new(ctx: &WorkerContext) -> Result<Self, ApplyError> {
+        let packer = event_log::EnvelopePacker::new().map_err(|e| ApplyError::Permanent(format!("zstd: {e}")))?;
+        Ok(Deferred { family: A::writes(ctx), settled: Vec::new(), packer })
     }
-}
 
-impl<A: Applier> Deferred<A> {
+    /// Logs an event whose key this transaction claimed, with what it came to,
+    /// and its envelope as it arrived.
+    fn log(&mut self, item: &Item, env: &Envelope, outcome: String) {
+        self.settled.push(inbox::Settled {
+            key_hash: event_log::key_hash(&env.key),
+            kind: env.event.kind(),
+            business_id: env.business_id.map(|b| b.0),
+            received_at: env.received_at,
+            outcome,
+            envelope: self.packer.pack(item.raw().as_bytes()),
+        });
+    }
+
     async fn flush(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
         A::flush(tx, &mut self.family).await?;
-        inbox::note_ignored(tx, &self.ignored).await?;
-        self.ignored.clear();
+        inbox::log(tx, &self.settled).await?;
+        self.settled.clear();
         Ok(())
     }
 }

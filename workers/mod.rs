@@ -144,6 +144,8 @@ fn is_transient(e: &sqlx::Error) -> bool {
                 || code.starts_with("53")
                 || code.starts_with("57")
                 || matches!(code.as_ref(), "40001" | "40P01" | "55P03")
+                // The event log's partition for today is missing: apply.rs creates it before the next try.
+                || crate::store::inbox::is_missing_partition(e)
         }
         sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
         _ => false,

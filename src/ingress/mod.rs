@@ -301,15 +301,17 @@ async fn openapi() -> Response {
 async fn metrics(State(state): State<SharedState>) -> Response {
     // A scrape never waits longer than a second for the broker or Postgres.
     let limit = Duration::from_secs(1);
-    let (dlq, outbox) = tokio::join!(
+    let (dlq, outbox, storage) = tokio::join!(
         tokio::time::timeout(limit, state.broker.dead_letter_depths(&state.topology)),
         tokio::time::timeout(limit, crate::bus::outbox::depth(&state.pool)),
+        tokio::time::timeout(limit, crate::store::retention::storage_gauges(&state.pool)),
     );
     let pool = (state.pool.size(), u32::try_from(state.pool.num_idle()).unwrap_or(u32::MAX));
     let snapshot = telemetry::Snapshot {
         dlq: dlq.ok().and_then(Result::ok),
         pool: Some(pool),
         outbox: outbox.ok().and_then(Result::ok),
+        storage: storage.ok().and_then(Result::ok),
     };
     let text = telemetry::render(&snapshot);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()

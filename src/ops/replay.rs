@@ -4,23 +4,21 @@
 //! is in the inbox), so a replay changes nothing that is already right.
 
 use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
 use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::bus::{Publisher, Topology};
 use crate::events::Envelope;
-use crate::store::inbox;
 pub use crate::store::inbox::Filter;
+use crate::store::{event_log, inbox};
 
 use super::Progress;
-
-/// Rows read from the log at a time.
-const PAGE: i64 = 500;
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Replayed {
     pub published: u64,
-    /// Log rows whose envelope no longer decodes (written by another version): key and reason.
+    /// Log rows whose envelope no longer decodes (written by another version): key hash and reason.
     pub skipped: Vec<(String, String)>,
 }
 
@@ -41,23 +39,20 @@ pub async fn replay(
 ) -> Result<Replayed, ReplayError> {
     let progress = Progress::new("replayed");
     let mut done = Replayed::default();
-    let mut after: Option<(DateTime<Utc>, String)> = None;
-    loop {
-        let page = inbox::page(pool, filter, after.as_ref(), PAGE).await?;
-        let Some(last) = page.last() else { break };
-        after = Some((last.1, last.0.clone()));
-        for (key, _, envelope) in page {
-            let env = match Envelope::from_json(envelope.as_bytes()) {
+    for day in inbox::days(pool, filter.since).await? {
+        let mut rows = inbox::read_day(pool, day, filter);
+        while let Some((hash, stored)) = rows.try_next().await? {
+            let env = match event_log::unpack(&stored).and_then(|json| Envelope::from_json(&json)) {
                 Ok(env) => env,
                 Err(reason) => {
-                    done.skipped.push((key, reason));
+                    done.skipped.push((format!("key hash {}", hex::encode(hash)), reason));
                     continue;
                 }
             };
             publisher
                 .publish_envelope(topo, &env, &env.to_json(), None)
                 .await
-                .map_err(|error| ReplayError::Publish { key, error })?;
+                .map_err(|error| ReplayError::Publish { key: env.key.clone(), error })?;
             done.published += 1;
             progress.update(done.published);
         }

@@ -1,71 +1,91 @@
-//! The event log and de-duplication table, `webhook_worker.inbox`: every SQL
-//! statement that touches it is here, so its shape can change in one place.
+//! The de-duplication keys (`webhook_worker.inbox_keys`) and the event log
+//! (`webhook_worker.inbox`): every statement a worker or `replay` runs on them
+//! is here, so their shape can change in one place. Keeping them bounded
+//! (partitions ahead, pruning) is [`super::retention`]; how a key and an
+//! envelope are stored is [`super::event_log`] (docs/adr/0010-bounded-inbox.md).
 //!
 //! A worker claims an event's key in the transaction that applies it (a key
 //! already there means "already applied": skip), releases it when the event is
-//! to be retried or parked, and notes why an event changed nothing. `replay`
-//! reads it back by provider, business and time.
+//! to be retried or parked, and logs every event it settled, with its outcome,
+//! in one statement before the commit. `replay` reads the log back day by day.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
+use futures_util::stream::BoxStream;
 use sqlx::{PgConnection, PgPool};
 
+use super::event_log::key_hash;
 use crate::events::{BusinessId, Envelope, Provider};
 
-/// An event to claim: its decoded envelope and the exact bytes it arrived as (logged as they are).
-pub type Entry<'a> = (&'a Envelope, &'a str);
-
-/// Records the keys of the entries in one statement; returns the keys that
-/// were new (a key already there is a redelivery).
-pub async fn claim_all<'a>(tx: &mut PgConnection, entries: &[Entry<'a>]) -> Result<HashSet<&'a str>, sqlx::Error> {
-    if entries.is_empty() {
+/// Claims the keys of the envelopes in one statement; returns the keys that
+/// were new (a key already there is a redelivery, and so is a second copy
+/// within `envs`).
+pub async fn claim_all<'a>(tx: &mut PgConnection, envs: &[&'a Envelope]) -> Result<HashSet<&'a str>, sqlx::Error> {
+    if envs.is_empty() {
         return Ok(HashSet::new());
     }
-    let inserted: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO webhook_worker.inbox (event_key, provider, kind, business_id, received_at, envelope)
-         SELECT k, p, t, b, r, e::json
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::timestamptz[], $6::text[]) AS u(k, p, t, b, r, e)
-         ON CONFLICT (event_key) DO NOTHING
-         RETURNING event_key",
+    let by_hash: HashMap<Vec<u8>, &'a str> = envs.iter().map(|env| (key_hash(&env.key), env.key.as_str())).collect();
+    let inserted: Vec<Vec<u8>> = sqlx::query_scalar(
+        "INSERT INTO webhook_worker.inbox_keys (key_hash) SELECT unnest($1::bytea[])
+         ON CONFLICT (key_hash) DO NOTHING RETURNING key_hash",
     )
-    .bind(entries.iter().map(|(env, _)| env.key.as_str()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(env, _)| env.event.provider().as_str()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(env, _)| env.event.kind()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(env, _)| env.business_id.map(|b| b.0)).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(env, _)| env.received_at).collect::<Vec<_>>())
-    .bind(entries.iter().map(|(_, raw)| *raw).collect::<Vec<_>>())
+    .bind(envs.iter().map(|env| key_hash(&env.key)).collect::<Vec<_>>())
     .fetch_all(&mut *tx)
     .await?;
-    let inserted: HashSet<String> = inserted.into_iter().collect();
-    Ok(entries.iter().map(|(env, _)| env.key.as_str()).filter(|k| inserted.contains(*k)).collect())
+    Ok(inserted.iter().filter_map(|h| by_hash.get(h).copied()).collect())
 }
 
-/// Records one event's key; false if it was already there (a redelivery).
-pub async fn claim(tx: &mut PgConnection, env: &Envelope, raw: &str) -> Result<bool, sqlx::Error> {
-    Ok(!claim_all(tx, &[(env, raw)]).await?.is_empty())
+/// Claims one event's key; false if it was already there (a redelivery).
+pub async fn claim(tx: &mut PgConnection, env: &Envelope) -> Result<bool, sqlx::Error> {
+    Ok(!claim_all(tx, &[env]).await?.is_empty())
 }
 
 /// Gives a key back (the event will be retried or parked, not applied).
 pub async fn release(tx: &mut PgConnection, key: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM webhook_worker.inbox WHERE event_key = $1").bind(key).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM webhook_worker.inbox_keys WHERE key_hash = $1")
+        .bind(key_hash(key))
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 
-/// Says why each event changed nothing: one statement for the batch.
-pub async fn note_ignored(tx: &mut PgConnection, ignored: &[(String, &'static str)]) -> Result<(), sqlx::Error> {
-    if ignored.is_empty() {
+/// One settled event for the log.
+pub struct Settled {
+    pub key_hash: Vec<u8>,
+    pub kind: &'static str,
+    pub business_id: Option<i32>,
+    pub received_at: DateTime<Utc>,
+    /// `applied`, or `ignored: <why>`.
+    pub outcome: String,
+    /// The envelope's stored form ([`super::event_log::EnvelopePacker::pack`]).
+    pub envelope: Vec<u8>,
+}
+
+/// Logs the settled events of a batch, in one statement, in today's partition.
+pub async fn log(tx: &mut PgConnection, events: &[Settled]) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "UPDATE webhook_worker.inbox i SET outcome = 'ignored: ' || u.why
-           FROM unnest($1::text[], $2::text[]) AS u(k, why) WHERE i.event_key = u.k",
+        "INSERT INTO webhook_worker.inbox (key_hash, kind, business_id, received_at, outcome, envelope)
+         SELECT * FROM unnest($1::bytea[], $2::text[], $3::int4[], $4::timestamptz[], $5::text[], $6::bytea[])",
     )
-    .bind(ignored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
-    .bind(ignored.iter().map(|(_, why)| *why).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.key_hash.as_slice()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.kind).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.business_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.received_at).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.outcome.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.envelope.as_slice()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// Whether a write failed because the log has no partition for today (its
+/// upkeep has not run yet): creating them and trying again fixes it.
+pub fn is_missing_partition(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23514") && db.message().contains("no partition"))
 }
 
 /// Which logged events to read back.
@@ -77,31 +97,31 @@ pub struct Filter {
     pub since: Option<DateTime<Utc>>,
 }
 
-/// A logged event: its key, when it was received, its envelope as logged.
-pub type Logged = (String, DateTime<Utc>, String);
+/// The days the log holds that may have events received since `since`, oldest
+/// first (an event is claimed on or after the day it was received).
+pub async fn days(pool: &PgPool, since: Option<DateTime<Utc>>) -> Result<Vec<NaiveDate>, sqlx::Error> {
+    sqlx::query_scalar("SELECT day FROM webhook_worker.inbox_partitions() WHERE $1::date IS NULL OR day >= $1")
+        .bind(since.map(|t| t.date_naive()))
+        .fetch_all(pool)
+        .await
+}
 
-/// Up to `limit` logged events matching `filter`, oldest first, after `after` (a page's last row).
-pub async fn page(
-    pool: &PgPool,
-    filter: &Filter,
-    after: Option<&(DateTime<Utc>, String)>,
-    limit: i64,
-) -> Result<Vec<Logged>, sqlx::Error> {
+/// A logged event: its key hash and its envelope's stored form.
+pub type Logged = (Vec<u8>, Vec<u8>);
+
+/// The logged events of one day that match `filter`, oldest first, read in one
+/// pass (the day's partition is scanned and sorted once).
+pub fn read_day<'a>(pool: &'a PgPool, day: NaiveDate, filter: &Filter) -> BoxStream<'a, Result<Logged, sqlx::Error>> {
     sqlx::query_as(
-        "SELECT event_key, received_at, envelope::text FROM webhook_worker.inbox
-          WHERE provider = $1
-            AND ($2::int IS NULL OR business_id = $2)
-            AND ($3::timestamptz IS NULL OR received_at >= $3)
-            AND ($4::timestamptz IS NULL OR (received_at, event_key) > ($4, $5))
-          ORDER BY received_at, event_key
-          LIMIT $6",
+        "SELECT key_hash, envelope FROM webhook_worker.inbox
+          WHERE day = $1 AND starts_with(kind, $2 || '_')
+            AND ($3::int IS NULL OR business_id = $3)
+            AND ($4::timestamptz IS NULL OR received_at >= $4)
+          ORDER BY received_at, key_hash",
     )
+    .bind(day)
     .bind(filter.provider.as_str())
     .bind(filter.business.map(|b| b.0))
     .bind(filter.since)
-    .bind(after.map(|a| a.0))
-    .bind(after.map(|a| a.1.clone()))
-    .bind(limit)
-    .fetch_all(pool)
-    .await
+    .fetch(pool)
 }

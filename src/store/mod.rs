@@ -5,7 +5,9 @@
 //! `webhook_worker` schema, where a `drizzle-kit push` never looks.
 
 pub mod adopt;
+pub mod event_log;
 pub mod inbox;
+pub mod retention;
 pub mod secrets;
 
 use std::str::FromStr;
@@ -69,14 +71,17 @@ pub async fn migrate(cfg: &Config) -> Result<(), MigrateFailure> {
         e => e.into(),
     })?;
     sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATE_LOCK).execute(&mut conn).await?;
-    let result = migrate_locked(&mut conn).await;
+    let result = migrate_locked(&mut conn, cfg.event_retention).await;
     // Closing the session releases the lock too; unlocking first lets the next caller go at once.
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut conn).await;
     conn.close().await.ok();
     result
 }
 
-async fn migrate_locked(conn: &mut PgConnection) -> Result<(), MigrateFailure> {
+/// Then copies what is still within `EVENT_RETENTION` of an inbox older than
+/// migration 0006 ([`retention::convert_legacy`]) and makes sure the event
+/// log's partitions exist for the days ahead.
+async fn migrate_locked(conn: &mut PgConnection, retention: std::time::Duration) -> Result<(), MigrateFailure> {
     let survey = adopt::survey(conn).await?;
     if !survey.problems.is_empty() {
         for p in &survey.problems {
@@ -110,6 +115,11 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<(), MigrateFailure> {
         tracing::info!("public schema checked: everything the worker needs is there");
     }
     MIGRATOR.run(&mut *conn).await?;
+    let copied = retention::convert_legacy(conn, retention).await?;
+    if copied > 0 {
+        tracing::info!(events = copied, "copied the old inbox's events within EVENT_RETENTION into the new one");
+    }
+    retention::create_partitions(&mut *conn).await?;
     let (version,): (Option<i64>,) =
         sqlx::query_as("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&mut *conn).await?;
     tracing::info!(version = version.unwrap_or(0), "migrations applied");

@@ -1,0 +1,119 @@
+//! How an accepted event is kept in `webhook_worker.inbox`: a fixed-width key
+//! and the envelope, compressed, once (see docs/adr/0010-bounded-inbox.md).
+//!
+//! - The de-duplication key is stored as the first 16 bytes of its SHA-256
+//!   ([`key_hash`]), 17 bytes on disk instead of ~65 of text, and an index of
+//!   fixed-width entries. The key itself is inside the envelope, for replay.
+//!   SQL computes the same with `webhook_worker.event_key_hash(text)`.
+//! - The envelope is stored as the worker received it, compressed with zstd
+//!   and a dictionary built into the binary (`envelope-dict-1.txt`: one
+//!   envelope of each kind), which takes a ~500-byte Twilio envelope to
+//!   ~120 bytes. Its first byte names the format, so that a later dictionary can
+//!   come beside this one: rows keep the dictionary they were written with
+//!   until they age out. **Never edit `envelope-dict-1.txt`**: add a `-2`.
+
+use std::sync::LazyLock;
+
+use sha2::{Digest, Sha256};
+use zstd::bulk::{Compressor, Decompressor};
+use zstd::dict::{DecoderDictionary, EncoderDictionary};
+
+/// Byte 0 of a stored envelope: JSON as is (rows copied from the old inbox).
+pub const FORMAT_JSON: u8 = 0;
+/// Byte 0 of a stored envelope: zstd with dictionary 1.
+pub const FORMAT_ZSTD_DICT1: u8 = 1;
+
+/// zstd's level: 3 is its default; higher levels save a few bytes for much more CPU.
+const LEVEL: i32 = 3;
+/// The most a stored envelope may inflate to (the ingress takes at most 1 MiB bodies).
+const MAX_ENVELOPE: usize = 8 << 20;
+
+static DICT1: &[u8] = include_bytes!("envelope-dict-1.txt");
+static ENCODER1: LazyLock<EncoderDictionary<'static>> = LazyLock::new(|| EncoderDictionary::copy(DICT1, LEVEL));
+static DECODER1: LazyLock<DecoderDictionary<'static>> = LazyLock::new(|| DecoderDictionary::copy(DICT1));
+
+/// The inbox's key for a de-duplication key: the first 16 bytes of its SHA-256.
+pub fn key_hash(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes())[..16].to_vec()
+}
+
+/// Compresses envelopes for the inbox; one per batch (it holds zstd's context).
+pub struct EnvelopePacker {
+    zstd: Compressor<'static>,
+}
+
+impl EnvelopePacker {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(EnvelopePacker { zstd: Compressor::with_prepared_dictionary(&ENCODER1)? })
+    }
+
+    /// The stored form of an envelope as received (its JSON bytes).
+    pub fn pack(&mut self, json: &[u8]) -> Vec<u8> {
+        match self.zstd.compress(json) {
+            Ok(z) if z.len() < json.len() => [&[FORMAT_ZSTD_DICT1][..], &z].concat(),
+            // zstd cannot fail on a buffer it sized itself; storing as is stays correct.
+            _ => [&[FORMAT_JSON][..], json].concat(),
+        }
+    }
+}
+
+/// The envelope's JSON bytes from their stored form.
+pub fn unpack(stored: &[u8]) -> Result<Vec<u8>, String> {
+    match stored.split_first() {
+        Some((&FORMAT_JSON, json)) => Ok(json.to_vec()),
+        Some((&FORMAT_ZSTD_DICT1, z)) => {
+            let size = Decompressor::upper_bound(z).ok_or("stored envelope: no zstd frame size")?;
+            if size > MAX_ENVELOPE {
+                return Err(format!("stored envelope: {size} bytes is more than an envelope can be"));
+            }
+            Decompressor::with_prepared_dictionary(&DECODER1)
+                .and_then(|mut d| d.decompress(z, size))
+                .map_err(|e| format!("stored envelope: {e}"))
+        }
+        Some((other, _)) => Err(format!("stored envelope: unknown format {other}")),
+        None => Err("stored envelope: empty".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CALL: &str = r#"{"version":1,"key":"twilio:status:17:CA5f3c1d9e8b7a6f5e4d3c2b1a09f8e7d6:2:in-progress","business_id":17,"received_at":"2026-12-01T08:31:07.412873921Z","request_id":"7d1c5b0e-93a4-4e8f-b6d2-1f0a9c8e7b65","event":{"kind":"twilio_call_status","data":{"call_sid":"CA5f3c1d9e8b7a6f5e4d3c2b1a09f8e7d6","parent_call_sid":null,"status":"in-progress","sequence":2,"timestamp":"2026-12-01T08:31:05Z","direction":"inbound","from":"+14155550123","to":"+15005550006","caller_name":"ALICE SMITH","call_duration":null}}}"#;
+
+    #[test]
+    fn an_envelope_comes_back_byte_for_byte_and_four_times_smaller() {
+        let mut p = EnvelopePacker::new().unwrap();
+        let stored = p.pack(CALL.as_bytes());
+        assert_eq!(stored[0], FORMAT_ZSTD_DICT1);
+        assert!(stored.len() * 3 < CALL.len(), "{} of {} bytes", stored.len(), CALL.len());
+        assert_eq!(unpack(&stored).unwrap(), CALL.as_bytes());
+    }
+
+    #[test]
+    fn what_does_not_shrink_is_kept_as_is() {
+        let mut p = EnvelopePacker::new().unwrap();
+        let stored = p.pack(b"{}");
+        assert_eq!(stored, b"\x00{}");
+        assert_eq!(unpack(&stored).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn a_damaged_or_unknown_stored_envelope_is_an_error_not_a_panic() {
+        assert!(unpack(b"").unwrap_err().contains("empty"));
+        assert!(unpack(b"\x07abc").unwrap_err().contains("unknown format 7"));
+        assert!(unpack(b"\x01not zstd").is_err());
+        let mut stored = EnvelopePacker::new().unwrap().pack(CALL.as_bytes());
+        let n = stored.len();
+        stored[n / 2] ^= 0xff;
+        // zstd's checksum-free frame may decode to other bytes, but never panics or overruns.
+        let _ = unpack(&stored);
+    }
+
+    #[test]
+    fn the_key_hash_is_sha256_cut_to_16_bytes() {
+        // SELECT webhook_worker.event_key_hash('stripe:evt_1') gives the same
+        // (checked against Postgres in tests/retention.rs).
+        assert_eq!(hex::encode(key_hash("stripe:evt_1")), "086cb4b9c326916d9ad59cdb4bb87d10");
+    }
+}
