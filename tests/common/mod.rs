@@ -346,7 +346,7 @@ async fn cleanup(db_name: &str, topo: &Topology) {
 }
 
 /// The `calls` row of a business, if there is exactly one.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, PartialEq, sqlx::FromRow)]
 pub struct CallRow {
     pub id: i32,
     pub status: String,

@@ -1,0 +1,314 @@
+//! Storage stays bounded (issue 16): an event's key and logged envelope are kept
+//! for EVENT_RETENTION, then removed whole days at a time, by the running
+//! service and by `micro8gents prune`, without touching `public`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use chrono::{Duration, NaiveDate, Utc};
+use common::{TestApp, calls_of};
+use micro8gents::store::{event_log, retention};
+use sqlx::{AssertSqlSafe, PgPool};
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// Today as the database's clock has it (UTC): the day the worker claims events on.
+async fn today(pool: &PgPool) -> NaiveDate {
+    sqlx::query_scalar("SELECT (now() AT TIME ZONE 'UTC')::date").fetch_one(pool).await.unwrap()
+}
+
+/// Puts `n` events claimed `days_ago` days ago into the log and the keys, as
+/// the worker would have written them then.
+async fn seed_day(pool: &PgPool, days_ago: i64, n: usize) -> NaiveDate {
+    let day = today(pool).await - Duration::days(days_ago);
+    // One transaction: a running service's prune waits for it, then sees the whole day.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT webhook_worker.create_inbox_partitions($1, $1)").bind(day).execute(&mut *tx).await.unwrap();
+    let mut packer = event_log::EnvelopePacker::new().unwrap();
+    for i in 0..n {
+        let key = format!("stripe:evt_seed_{days_ago}_{i}");
+        let received = day.and_hms_opt(12, 0, 0).unwrap().and_utc();
+        let envelope = format!(
+            r#"{{"version":1,"key":"{key}","business_id":null,"received_at":"{}","request_id":"seed","event":{{"kind":"stripe_other","data":{{"id":"evt_seed_{days_ago}_{i}","event_type":"customer.created","created":"{}","api_version":null,"object":{{"object":"customer","id":"cus_1"}}}}}}}}"#,
+            received.to_rfc3339(),
+            received.to_rfc3339()
+        );
+        sqlx::query("INSERT INTO webhook_worker.inbox_keys (key_hash, day) VALUES ($1, $2)")
+            .bind(event_log::key_hash(&key))
+            .bind(day)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO webhook_worker.inbox (key_hash, day, kind, received_at, applied_at, outcome, envelope)
+             VALUES ($1, $2, 'stripe_other', $3, $3, 'ignored: event type not applied', $4)",
+        )
+        .bind(event_log::key_hash(&key))
+        .bind(day)
+        .bind(received)
+        .bind(packer.pack(envelope.as_bytes()))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    day
+}
+
+/// Events in the log and keys per claimed day.
+async fn per_day(pool: &PgPool) -> (BTreeMap<NaiveDate, i64>, BTreeMap<NaiveDate, i64>) {
+    let q = |sql: &'static str| async move {
+        sqlx::query_as::<_, (NaiveDate, i64)>(sql).fetch_all(pool).await.unwrap().into_iter().collect()
+    };
+    (
+        q("SELECT day, count(*) FROM webhook_worker.inbox GROUP BY day").await,
+        q("SELECT day, count(*) FROM webhook_worker.inbox_keys GROUP BY day").await,
+    )
+}
+
+async fn partitions(pool: &PgPool) -> Vec<NaiveDate> {
+    sqlx::query_scalar("SELECT day FROM webhook_worker.inbox_partitions()").fetch_all(pool).await.unwrap()
+}
+
+/// Every table of `public`, each as one fingerprint of all its rows.
+async fn public_fingerprint(pool: &PgPool) -> BTreeMap<String, (i64, String)> {
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut out = BTreeMap::new();
+    for t in tables {
+        let sql = format!(
+            "SELECT count(*), COALESCE(md5(string_agg(r::text, '|' ORDER BY r::text)), '') FROM public.\"{t}\" r"
+        );
+        let row: (i64, String) = sqlx::query_as(AssertSqlSafe(sql)).fetch_one(pool).await.unwrap();
+        out.insert(t, row);
+    }
+    out
+}
+
+fn status(call: &str, status: &str, seq: &str, second: u32) -> Vec<(String, String)> {
+    let mut p = vec![
+        ("CallSid", call.to_string()),
+        ("CallStatus", status.to_string()),
+        ("Direction", "inbound".to_string()),
+        ("From", "+14155552671".to_string()),
+        ("To", "+15005550006".to_string()),
+        ("SequenceNumber", seq.to_string()),
+        ("Timestamp", format!("Tue, 25 Nov 2025 12:00:{second:02} +0000")),
+    ];
+    if status == "completed" {
+        p.push(("CallDuration", "125".to_string()));
+    }
+    p.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+async fn post(app: &TestApp, business: i32, params: &[(String, String)]) {
+    let borrowed: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let answer = app.post_twilio(business, "call-status", TOKEN, &borrowed).await;
+    assert_eq!(answer.status().as_u16(), 204);
+}
+
+/// Waits until today's log holds `n` events.
+async fn settled_today(app: &TestApp, n: i64) {
+    let day = today(&app.pool).await;
+    app.eventually(&format!("{n} events logged today"), || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox WHERE day = $1")
+            .bind(day)
+            .fetch_one(&app.pool)
+            .await
+            .ok()?;
+        (count >= n).then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_key_hash_is_the_same_in_rust_and_in_sql() {
+    let app = TestApp::spawn().await;
+    for key in ["stripe:evt_1", "twilio:status:7:CA1:0:ringing", "n8n:3:msg_ü"] {
+        let sql: Vec<u8> = sqlx::query_scalar("SELECT webhook_worker.event_key_hash($1)")
+            .bind(key)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(sql, event_log::key_hash(key), "{key}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn prune_removes_exactly_the_days_before_the_cut_and_nothing_in_public() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    post(&app, b, &status("CA16161616161616161616161616161616", "completed", "2", 9)).await;
+    settled_today(&app, 1).await;
+    let today = today(&app.pool).await;
+    for days_ago in [40, 31, 30, 29, 1] {
+        seed_day(&app.pool, days_ago, 3).await;
+    }
+    let public_before = public_fingerprint(&app.pool).await;
+
+    let out = Command::new(env!("CARGO_BIN_EXE_micro8gents"))
+        .args(["prune", "--older-than", "30d"])
+        .env("DATABASE_URL", app.cfg.database_url.expose())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The cut is 30 days ago, in the day `today - 30`: every day that ended before it goes.
+    let gone = [today - Duration::days(40), today - Duration::days(31)];
+    assert!(
+        stdout.contains(&format!("2 day(s) of the event log dropped [{}, {}], 6 key(s) deleted", gone[0], gone[1])),
+        "{stdout}"
+    );
+
+    let (log, keys) = per_day(&app.pool).await;
+    let kept: BTreeMap<NaiveDate, i64> = [30, 29, 1].map(|d| (today - Duration::days(d), 3)).into_iter().collect();
+    let mut expected = kept.clone();
+    expected.insert(today, 1);
+    assert_eq!(log, expected);
+    assert_eq!(keys, expected);
+    let days = partitions(&app.pool).await;
+    assert!(!days.contains(&gone[0]) && !days.contains(&gone[1]), "{days:?}");
+    assert!(kept.keys().all(|d| days.contains(d)), "{days:?}");
+    assert_eq!(public_fingerprint(&app.pool).await, public_before);
+
+    // Run again, nothing is left to remove.
+    let again = retention::prune(&app.pool, std::time::Duration::from_secs(30 * 86_400)).await.unwrap();
+    assert_eq!((again.days.len(), again.keys), (0, 0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_older_than_is_named_and_removes_nothing() {
+    let app = TestApp::spawn().await;
+    seed_day(&app.pool, 40, 2).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_micro8gents"))
+        .args(["prune", "--older-than", "a month"])
+        .env("DATABASE_URL", app.cfg.database_url.expose())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--older-than"), "{out:?}");
+    assert_eq!(per_day(&app.pool).await.1.values().sum::<i64>(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_running_service_prunes_what_expires_and_reports_it() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("EVENT_RETENTION".into(), "2d".into());
+        v.insert("EVENT_PRUNE_INTERVAL".into(), "200ms".into());
+    })
+    .await;
+    let today = today(&app.pool).await;
+    let old = seed_day(&app.pool, 3, 4).await;
+    let young = seed_day(&app.pool, 2, 4).await;
+    app.eventually("the expired day pruned", || async {
+        let (_, keys) = per_day(&app.pool).await;
+        (!keys.contains_key(&old)).then_some(())
+    })
+    .await;
+    let (log, keys) = per_day(&app.pool).await;
+    assert_eq!(log, BTreeMap::from([(young, 4)]));
+    assert_eq!(keys, BTreeMap::from([(young, 4)]));
+    // Partitions are ready for the days ahead.
+    let days = partitions(&app.pool).await;
+    for ahead in 0..=retention::DAYS_AHEAD {
+        assert!(days.contains(&(today + Duration::days(ahead.into()))), "{days:?}");
+    }
+
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    let gauge = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(gauge("micro8gents_table_bytes{table=\"inbox\"}") > 0.0);
+    assert!(gauge("micro8gents_table_bytes{table=\"inbox_keys\"}") > 0.0);
+    assert!(gauge("micro8gents_table_bytes{table=\"twilio_calls\"}") > 0.0);
+    let oldest = gauge("micro8gents_table_oldest_entry_age_seconds{table=\"inbox\"}");
+    assert!((2.0 * 86_400.0..3.0 * 86_400.0).contains(&oldest), "{oldest}");
+    assert_eq!(gauge("micro8gents_event_retention_seconds"), 2.0 * 86_400.0);
+    assert!(gauge("micro8gents_prune_last_success_timestamp_seconds") > (Utc::now().timestamp() - 60) as f64);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_arriving_after_its_key_was_pruned_does_not_move_a_row_backwards() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    let call = "CA27272727272727272727272727272727";
+    let ringing = status(call, "ringing", "0", 1);
+    let completed = status(call, "completed", "2", 9);
+    post(&app, b, &ringing).await;
+    post(&app, b, &status(call, "in-progress", "1", 3)).await;
+    post(&app, b, &completed).await;
+    settled_today(&app, 3).await;
+    let before = calls_of(&app.pool, b).await;
+    assert_eq!(before[0].status, "completed");
+
+    // Everything claimed before tomorrow is pruned: today's keys and log are gone.
+    let tomorrow = (today(&app.pool).await + Duration::days(1)).and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let pruned = retention::prune_before(&app.pool, tomorrow).await.unwrap();
+    assert_eq!(pruned.keys, 3);
+    assert_eq!(per_day(&app.pool).await, (BTreeMap::new(), BTreeMap::new()));
+
+    // Twilio sends the callbacks again: the keys are new, the row guards decide.
+    // (Today's partition is gone too: the worker creates it again and goes on.)
+    post(&app, b, &ringing).await;
+    post(&app, b, &completed).await;
+    settled_today(&app, 2).await;
+    assert_eq!(calls_of(&app.pool, b).await, before);
+    let ringing_outcome: String = sqlx::query_scalar(
+        "SELECT outcome FROM webhook_worker.inbox WHERE key_hash = webhook_worker.event_key_hash($1)",
+    )
+    .bind(format!("twilio:status:{b}:{call}:0:ringing"))
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(ringing_outcome.starts_with("ignored"), "{ringing_outcome}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn pruning_while_events_are_applied_loses_nothing() {
+    let app = TestApp::spawn().await;
+    let b = app.twilio_business(TOKEN).await;
+    for days_ago in 40..60 {
+        seed_day(&app.pool, days_ago, 20).await;
+    }
+    let calls: Vec<String> = (0..40).map(|i| format!("CA{i:032}")).collect();
+    let pool = app.pool.clone();
+    // One old day dropped after another while the callbacks are applied.
+    let pruner = tokio::spawn(async move {
+        let mut dropped = 0;
+        for days_ago in (39..60).rev() {
+            let cut = Utc::now() - Duration::days(days_ago);
+            dropped += retention::prune_before(&pool, cut).await.unwrap().days.len();
+        }
+        dropped
+    });
+    let sends = calls.iter().map(|call| {
+        let app = &app;
+        async move {
+            for (s, seq, second) in [("ringing", "0", 1), ("in-progress", "1", 3), ("completed", "2", 9)] {
+                post(app, b, &status(call, s, seq, second)).await;
+            }
+        }
+    });
+    futures_util::future::join_all(sends).await;
+    assert_eq!(pruner.await.unwrap(), 20);
+    settled_today(&app, 120).await;
+    let rows = calls_of(&app.pool, b).await;
+    assert_eq!(rows.len(), 40);
+    assert!(rows.iter().all(|c| c.status == "completed" && c.duration.as_deref() == Some("2:05")), "{rows:?}");
+    let (log, keys) = per_day(&app.pool).await;
+    let today = today(&app.pool).await;
+    assert_eq!(log, BTreeMap::from([(today, 120)]));
+    assert_eq!(keys, log);
+    app.stop().await;
+}
