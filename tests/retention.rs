@@ -312,3 +312,80 @@ async fn pruning_while_events_are_applied_loses_nothing() {
     assert_eq!(keys, log);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_old_inbox_is_copied_within_the_retention_and_then_dropped() {
+    use sqlx::Connection;
+    let name = format!("m8_test_legacy_{}", uuid::Uuid::new_v4().simple());
+    let admin = common::admin_url();
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path(&name);
+    let vars = std::collections::HashMap::from([("DATABASE_URL".to_string(), url.to_string())]);
+    let cfg = micro8gents::config::Config::from_vars(&vars).unwrap();
+
+    // A deployment from before migration 0006, with a month and a half of events.
+    let mut db = sqlx::PgConnection::connect(url.as_str()).await.unwrap();
+    sqlx::query("CREATE SCHEMA webhook_worker").execute(&mut db).await.unwrap();
+    sqlx::query("SET search_path TO webhook_worker").execute(&mut db).await.unwrap();
+    let old = sqlx::migrate::Migrator::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))
+        .await
+        .unwrap();
+    old.run_to(5, &mut db).await.unwrap();
+    let envelope = |key: &str, at: chrono::DateTime<Utc>| {
+        format!(
+            r#"{{"version":1,"key":"{key}","business_id":null,"received_at":"{}","request_id":"r","event":{{"kind":"stripe_other","data":{{"id":"x","event_type":"customer.created","created":"{}","api_version":null,"object":{{"object":"customer","id":"cus_1"}}}}}}}}"#,
+            at.to_rfc3339(),
+            at.to_rfc3339()
+        )
+    };
+    for days_ago in [45, 31, 29, 2] {
+        let at = Utc::now() - Duration::days(days_ago);
+        let key = format!("stripe:evt_legacy_{days_ago}");
+        sqlx::query(
+            "INSERT INTO webhook_worker.inbox (event_key, provider, kind, received_at, applied_at, outcome, envelope)
+             VALUES ($1, 'stripe', 'stripe_other', $2, $2, 'ignored: event type not applied', $3::json)",
+        )
+        .bind(&key)
+        .bind(at)
+        .bind(envelope(&key, at))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    db.close().await.unwrap();
+
+    micro8gents::store::migrate(&cfg).await.unwrap();
+    let pool = PgPool::connect(url.as_str()).await.unwrap();
+    let legacy: bool =
+        sqlx::query_scalar("SELECT to_regclass('webhook_worker.inbox_legacy') IS NULL").fetch_one(&pool).await.unwrap();
+    assert!(legacy, "the old inbox is dropped once copied");
+    let rows: Vec<(Vec<u8>, NaiveDate, String, Vec<u8>)> =
+        sqlx::query_as("SELECT key_hash, day, outcome, envelope FROM webhook_worker.inbox ORDER BY received_at")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    // Within the default 30 days: the events of 29 and 2 days ago, each on the day it was applied.
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let today = today(&pool).await;
+    for ((hash, day, outcome, stored), days_ago) in rows.iter().zip([29, 2]) {
+        let key = format!("stripe:evt_legacy_{days_ago}");
+        assert_eq!(hash, &event_log::key_hash(&key));
+        assert_eq!(*day, today - Duration::days(days_ago));
+        assert_eq!(outcome, "ignored: event type not applied");
+        let json: serde_json::Value = serde_json::from_slice(&event_log::unpack(stored).unwrap()).unwrap();
+        assert_eq!(json["key"], key.as_str());
+    }
+    // Their keys still make a redelivery a duplicate.
+    let mut tx = pool.begin().await.unwrap();
+    let copied = [29, 2].map(|d| event_log::key_hash(&format!("stripe:evt_legacy_{d}")));
+    assert!(event_log::claim_keys(&mut tx, &copied).await.unwrap().is_empty());
+    tx.rollback().await.unwrap();
+    // Migrating again changes nothing.
+    micro8gents::store::migrate(&cfg).await.unwrap();
+    assert_eq!(per_day(&pool).await.0.values().sum::<i64>(), 2);
+
+    pool.close().await;
+    sqlx::query(AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut conn).await.unwrap();
+}
