@@ -15,6 +15,15 @@ use sqlx::{AssertSqlSafe, PgPool};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
+/// The service with a retention long enough that its own hourly round leaves
+/// the seeded days alone: the test decides when they are pruned.
+async fn spawn_keeping_old_days() -> TestApp {
+    TestApp::spawn_with(|v| {
+        v.insert("EVENT_RETENTION".into(), "3650d".into());
+    })
+    .await
+}
+
 /// Today as the database's clock has it (UTC): the day the worker claims events on.
 async fn today(pool: &PgPool) -> NaiveDate {
     sqlx::query_scalar("SELECT (now() AT TIME ZONE 'UTC')::date").fetch_one(pool).await.unwrap()
@@ -143,7 +152,7 @@ async fn the_key_hash_is_the_same_in_rust_and_in_sql() {
 
 #[tokio::test]
 async fn prune_removes_exactly_the_days_before_the_cut_and_nothing_in_public() {
-    let app = TestApp::spawn().await;
+    let app = spawn_keeping_old_days().await;
     let b = app.twilio_business(TOKEN).await;
     post(&app, b, &status("CA16161616161616161616161616161616", "completed", "2", 9)).await;
     settled_today(&app, 1).await;
@@ -186,7 +195,7 @@ async fn prune_removes_exactly_the_days_before_the_cut_and_nothing_in_public() {
 
 #[tokio::test]
 async fn a_bad_older_than_is_named_and_removes_nothing() {
-    let app = TestApp::spawn().await;
+    let app = spawn_keeping_old_days().await;
     seed_day(&app.pool, 40, 2).await;
     let out = Command::new(env!("CARGO_BIN_EXE_micro8gents"))
         .args(["prune", "--older-than", "a month"])
@@ -277,7 +286,7 @@ async fn a_duplicate_arriving_after_its_key_was_pruned_does_not_move_a_row_backw
 
 #[tokio::test]
 async fn pruning_while_events_are_applied_loses_nothing() {
-    let app = TestApp::spawn().await;
+    let app = spawn_keeping_old_days().await;
     let b = app.twilio_business(TOKEN).await;
     for days_ago in 40..60 {
         seed_day(&app.pool, days_ago, 20).await;
