@@ -7,6 +7,10 @@
 //! `.ci/run` runs it alone afterwards:
 //! `cargo nextest run --test chaos --run-ignored only --no-capture`.
 //! `CHAOS_CALLS` (default 500, six callbacks each) sets the size.
+//!
+//! It also runs with a short `EVENT_RETENTION` (1d, pruned every second by the
+//! work processes) while old days are added to the event log throughout the
+//! load, so whole partitions are dropped while events are being applied.
 
 mod common;
 
@@ -148,6 +152,8 @@ async fn every_answered_event_is_applied_exactly_once_through_a_broker_restart_a
         ("PUBLISH_TIMEOUT", "2s".into()),
         ("RETRY_DELAYS", "200ms,1s".into()),
         ("RUST_LOG", "error".into()),
+        ("EVENT_RETENTION", "1d".into()),
+        ("EVENT_PRUNE_INTERVAL", "1s".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -177,6 +183,9 @@ async fn every_answered_event_is_applied_exactly_once_through_a_broker_restart_a
         let (http, base, progress) = (http.clone(), base.clone(), progress.clone());
         tokio::spawn(async move { send_all(http, base, all, progress).await })
     };
+    // Expired days keep appearing while the load runs; the workers drop them.
+    let seeding = tokio_util::sync::CancellationToken::new();
+    let seeder = tokio::spawn(seed_expired_days(pool.clone(), seeding.clone()));
 
     // Chaos while the load runs: restart the broker at 25%, SIGKILL a worker at 55%.
     wait_for(&progress, total / 4).await;
@@ -193,6 +202,8 @@ async fn every_answered_event_is_applied_exactly_once_through_a_broker_restart_a
     fleet.spawn("work");
 
     let results = load.await.unwrap();
+    seeding.cancel();
+    let seeded_days = seeder.await.unwrap();
     let answered: Vec<&Callback> = results.iter().filter(|(_, s)| *s == Some(204)).map(|(c, _)| c).collect();
     let refused_503 = results.iter().filter(|(_, s)| *s == Some(503)).count();
     let failed = results.iter().filter(|(_, s)| s.is_none()).count();
@@ -240,10 +251,26 @@ async fn every_answered_event_is_applied_exactly_once_through_a_broker_restart_a
             .await
             .unwrap();
     let lost = keys.len() - found;
+    // Every expired day is gone soon after the load (the workers prune every second).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let expired_left = loop {
+        let (left,): (i64,) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM webhook_worker.inbox WHERE day < (now() AT TIME ZONE 'UTC')::date - 1)
+                  + (SELECT count(*) FROM webhook_worker.inbox_keys WHERE day < (now() AT TIME ZONE 'UTC')::date - 1)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if left == 0 || Instant::now() > deadline {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
 
     println!(
         "chaos: sent={total} answered_2xx={} answered_503={refused_503} failed_to_connect={failed} other={other} \
-         found_in_postgres={found} duplicates={duplicates} lost={lost} calls_rows={rows} completed={completed_rows}/{completed} outbox_left={outbox}",
+         found_in_postgres={found} duplicates={duplicates} lost={lost} calls_rows={rows} completed={completed_rows}/{completed} outbox_left={outbox} \
+         expired_days_seeded={seeded_days} expired_rows_left={expired_left}",
         answered.len()
     );
     drop(fleet);
@@ -251,11 +278,54 @@ async fn every_answered_event_is_applied_exactly_once_through_a_broker_restart_a
     cleanup(&db_name, &mut admin).await;
 
     assert_eq!(lost, 0, "every 2xx is applied");
+    assert!(seeded_days > 0, "old days were added during the load");
+    assert_eq!(expired_left, 0, "every expired day was pruned");
     assert_eq!(duplicates, 0, "nothing doubled");
     assert_eq!(rows as usize, touched.len(), "one calls row per call");
     assert_eq!(completed_rows as usize, completed, "every answered completion is on its call");
     assert_eq!(other, 0, "no answer other than 204, 503 or a refused connection");
     assert!(answered.len() * 2 > total, "most of the load was accepted");
+}
+
+/// Adds an expired day (two days ago and older) to the event log every 300 ms
+/// until `stop`; returns how many it added.
+async fn seed_expired_days(pool: PgPool, stop: tokio_util::sync::CancellationToken) -> usize {
+    let mut added = 0;
+    while !stop.is_cancelled() {
+        let days_ago = 2 + added as i32;
+        // One transaction: the partition's advisory lock keeps the workers' prune out until the day is whole.
+        let seeded = async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "SELECT webhook_worker.create_inbox_partitions((now() AT TIME ZONE 'UTC')::date - $1,
+                                                               (now() AT TIME ZONE 'UTC')::date - $1)",
+            )
+            .bind(days_ago)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "WITH d AS (SELECT (now() AT TIME ZONE 'UTC')::date - $1 AS day),
+                      k AS (INSERT INTO webhook_worker.inbox_keys (key_hash, day)
+                            SELECT webhook_worker.event_key_hash('chaos:expired:' || $1 || ':' || g), d.day
+                              FROM d, generate_series(1, 50) g)
+                 INSERT INTO webhook_worker.inbox (key_hash, day, kind, received_at, outcome, envelope)
+                 SELECT webhook_worker.event_key_hash('chaos:expired:' || $1 || ':' || g), d.day, 'stripe_other',
+                        d.day::timestamp AT TIME ZONE 'UTC', 'applied', '\\x007b7d'::bytea
+                   FROM d, generate_series(1, 50) g",
+            )
+            .bind(days_ago)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        }
+        .await;
+        if let Err(e) = seeded {
+            eprintln!("chaos: could not add an expired day: {e}");
+        }
+        added += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    added
 }
 
 async fn send_all(
