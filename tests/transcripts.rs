@@ -125,12 +125,14 @@ async fn transcript_becomes(app: &TestApp, b: i32, expected: &str) {
 }
 
 async fn outcome(app: &TestApp, key: &str) -> Option<String> {
-    sqlx::query_as::<_, (String,)>("SELECT outcome FROM webhook_worker.inbox WHERE event_key = $1")
-        .bind(key)
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap()
-        .map(|(o,)| o)
+    sqlx::query_as::<_, (String,)>(
+        "SELECT outcome FROM webhook_worker.inbox WHERE key_hash = webhook_worker.event_key_hash($1)",
+    )
+    .bind(key)
+    .fetch_optional(&app.pool)
+    .await
+    .unwrap()
+    .map(|(o,)| o)
 }
 
 /// Waits for the next parked calls message; its reason.
