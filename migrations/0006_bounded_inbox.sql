@@ -1,7 +1,7 @@
 -- Issue 16: storage stays bounded (see docs/adr/0010-bounded-inbox.md).
 --
 -- Two tables replace the old inbox:
--- - `inbox_keys`: the de-duplication keys, as a 16-byte hash, one small row
+-- - `inbox_keys`: the de-duplication keys, as a 15-byte hash, one small row
 --   each, in one table so that a claim is one index probe whatever the
 --   retention. Expired keys are deleted in small slices every hour (a day's
 --   worth is a few MB); the space is reused by new keys, so it does not grow.
@@ -18,7 +18,8 @@ ALTER INDEX webhook_worker.inbox_pkey RENAME TO inbox_legacy_pkey;
 ALTER INDEX webhook_worker.inbox_provider_received_idx RENAME TO inbox_legacy_provider_received_idx;
 
 CREATE TABLE webhook_worker.inbox_keys (
-    -- The first 16 bytes of SHA-256 of the event's de-duplication key
+    -- The first 15 bytes of SHA-256 of the event's de-duplication key (with its
+    -- length byte, 16: an index entry of exactly 24 bytes)
     -- (webhook_worker.event_key_hash). The key itself is in the envelope.
     key_hash bytea PRIMARY KEY,
     -- The UTC day the event was claimed: when the key expires.
@@ -46,7 +47,7 @@ CREATE TABLE webhook_worker.inbox (
 --   SELECT * FROM webhook_worker.inbox WHERE key_hash = webhook_worker.event_key_hash('stripe:evt_1');
 CREATE FUNCTION webhook_worker.event_key_hash(key text) RETURNS bytea
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-    AS $$ SELECT substring(sha256(convert_to(key, 'UTF8')) FROM 1 FOR 16) $$;
+    AS $$ SELECT substring(sha256(convert_to(key, 'UTF8')) FROM 1 FOR 15) $$;
 
 -- The partition of one day.
 CREATE FUNCTION webhook_worker.inbox_partition(d date) RETURNS text

@@ -1,9 +1,10 @@
 //! How an accepted event is kept in `webhook_worker.inbox`: a fixed-width key
 //! and the envelope, compressed, once (see docs/adr/0010-bounded-inbox.md).
 //!
-//! - The de-duplication key is stored as the first 16 bytes of its SHA-256
-//!   ([`key_hash`]), 17 bytes on disk instead of ~65 of text, and an index of
-//!   fixed-width entries. The key itself is inside the envelope, for replay.
+//! - The de-duplication key is stored as the first 15 bytes of its SHA-256
+//!   ([`key_hash`]), 16 bytes on disk instead of ~65 of text, and an index of
+//!   fixed-width entries (15, not 16: with its length byte a key then fills an
+//!   index entry to exactly 24 bytes instead of padding it to 32). The key itself is inside the envelope, for replay.
 //!   SQL computes the same with `webhook_worker.event_key_hash(text)`.
 //! - The envelope is stored as the worker received it, compressed with zstd
 //!   and a dictionary built into the binary (`envelope-dict-1.txt`: one
@@ -28,13 +29,16 @@ const LEVEL: i32 = 3;
 /// The most a stored envelope may inflate to (the ingress takes at most 1 MiB bodies).
 const MAX_ENVELOPE: usize = 8 << 20;
 
+/// 120 bits: a chance collision needs ~2^60 keys; a made one, a SHA-256 second preimage.
+pub const KEY_HASH_BYTES: usize = 15;
+
 static DICT1: &[u8] = include_bytes!("envelope-dict-1.txt");
 static ENCODER1: LazyLock<EncoderDictionary<'static>> = LazyLock::new(|| EncoderDictionary::copy(DICT1, LEVEL));
 static DECODER1: LazyLock<DecoderDictionary<'static>> = LazyLock::new(|| DecoderDictionary::copy(DICT1));
 
-/// The inbox's key for a de-duplication key: the first 16 bytes of its SHA-256.
+/// The inbox's key for a de-duplication key: the first 15 bytes of its SHA-256.
 pub fn key_hash(key: &str) -> Vec<u8> {
-    Sha256::digest(key.as_bytes())[..16].to_vec()
+    Sha256::digest(key.as_bytes())[..KEY_HASH_BYTES].to_vec()
 }
 
 /// Compresses envelopes for the inbox; one per batch (it holds zstd's context).
@@ -111,9 +115,9 @@ mod tests {
     }
 
     #[test]
-    fn the_key_hash_is_sha256_cut_to_16_bytes() {
+    fn the_key_hash_is_sha256_cut_to_15_bytes() {
         // SELECT webhook_worker.event_key_hash('stripe:evt_1') gives the same
         // (checked against Postgres in tests/retention.rs).
-        assert_eq!(hex::encode(key_hash("stripe:evt_1")), "086cb4b9c326916d9ad59cdb4bb87d10");
+        assert_eq!(hex::encode(key_hash("stripe:evt_1")), "086cb4b9c326916d9ad59cdb4bb87d");
     }
 }
