@@ -29,7 +29,6 @@ CREATE TABLE webhook_worker.inbox_keys (
 CREATE INDEX inbox_keys_day_idx ON webhook_worker.inbox_keys (day);
 
 CREATE TABLE webhook_worker.inbox (
-    received_at timestamptz NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now(),
     -- The UTC day the event was claimed: the partition, and so its retention.
     day         date NOT NULL DEFAULT (now() AT TIME ZONE 'UTC')::date,

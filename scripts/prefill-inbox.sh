@@ -6,7 +6,7 @@
 #   scripts/prefill-inbox.sh ... old 180 60000      # the inbox before migration 0006
 #
 # "new": DAYS days of keys (webhook_worker.inbox_keys) and of the event log
-# (one partition per day, envelopes of the compressed size, ~170 bytes).
+# (one partition per day, envelopes of the compressed size, ~145 bytes).
 # "old": the old single table, text keys, JSON envelopes of ~500 bytes; run it
 # on a database migrated to 0005 (the code before migration 0006).
 # Filling `template1` of a Postgres of your own makes every database the
@@ -23,9 +23,9 @@ SELECT webhook_worker.create_inbox_partitions((now() AT TIME ZONE 'UTC')::date -
 INSERT INTO webhook_worker.inbox_keys (key_hash, day)
 SELECT webhook_worker.event_key_hash('prefill:$d:' || i), (now() AT TIME ZONE 'UTC')::date - $d
   FROM generate_series(1, $per_day) i;
-INSERT INTO webhook_worker.inbox (key_hash, day, kind, business_id, received_at, applied_at, outcome, envelope)
+INSERT INTO webhook_worker.inbox (key_hash, day, kind, business_id, applied_at, outcome, envelope)
 SELECT webhook_worker.event_key_hash('prefill:$d:' || i), (now() AT TIME ZONE 'UTC')::date - $d,
-       'twilio_call_status', 1 + i % 20, t, t, 'applied',
+       'twilio_call_status', 1 + i % 20, t, 'applied',
        '\x01'::bytea || decode(repeat(md5(i::text || ':' || '$d'), 5), 'hex') || sha256(convert_to(i::text, 'UTF8')) || sha256(convert_to('$d' || i, 'UTF8'))
   FROM generate_series(1, $per_day) i,
        LATERAL (SELECT ((now() AT TIME ZONE 'UTC')::date - $d)::timestamp AT TIME ZONE 'UTC' + i * interval '1.44 s' AS t) x;

@@ -308,7 +308,7 @@ async fn seed_expired_days(pool: PgPool, stop: tokio_util::sync::CancellationTok
                       k AS (INSERT INTO webhook_worker.inbox_keys (key_hash, day)
                             SELECT webhook_worker.event_key_hash('chaos:expired:' || $1 || ':' || g), d.day
                               FROM d, generate_series(1, 50) g)
-                 INSERT INTO webhook_worker.inbox (key_hash, day, kind, received_at, outcome, envelope)
+                 INSERT INTO webhook_worker.inbox (key_hash, day, kind, applied_at, outcome, envelope)
                  SELECT webhook_worker.event_key_hash('chaos:expired:' || $1 || ':' || g), d.day, 'stripe_other',
                         d.day::timestamp AT TIME ZONE 'UTC', 'applied', '\\x007b7d'::bytea
                    FROM d, generate_series(1, 50) g",

@@ -52,8 +52,8 @@ async fn seed_day(pool: &PgPool, days_ago: i64, n: usize) -> NaiveDate {
             .await
             .unwrap();
         sqlx::query(
-            "INSERT INTO webhook_worker.inbox (key_hash, day, kind, received_at, applied_at, outcome, envelope)
-             VALUES ($1, $2, 'stripe_other', $3, $3, 'ignored: event type not applied', $4)",
+            "INSERT INTO webhook_worker.inbox (key_hash, day, kind, applied_at, outcome, envelope)
+             VALUES ($1, $2, 'stripe_other', $3, 'ignored: event type not applied', $4)",
         )
         .bind(event_log::key_hash(&key))
         .bind(day)
@@ -372,7 +372,7 @@ async fn an_old_inbox_is_copied_within_the_retention_and_then_dropped() {
         sqlx::query_scalar("SELECT to_regclass('webhook_worker.inbox_legacy') IS NULL").fetch_one(&pool).await.unwrap();
     assert!(legacy, "the old inbox is dropped once copied");
     let rows: Vec<(Vec<u8>, NaiveDate, String, Vec<u8>)> =
-        sqlx::query_as("SELECT key_hash, day, outcome, envelope FROM webhook_worker.inbox ORDER BY received_at")
+        sqlx::query_as("SELECT key_hash, day, outcome, envelope FROM webhook_worker.inbox ORDER BY applied_at")
             .fetch_all(&pool)
             .await
             .unwrap();

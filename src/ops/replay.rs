@@ -43,7 +43,8 @@ pub async fn replay(
         let mut rows = inbox::read_day(pool, day, filter);
         while let Some((hash, stored)) = rows.try_next().await? {
             let env = match event_log::unpack(&stored).and_then(|json| Envelope::from_json(&json)) {
-                Ok(env) => env,
+                Ok(env) if filter.since.is_none_or(|t| env.received_at >= t) => env,
+                Ok(_) => continue,
                 Err(reason) => {
                     done.skipped.push((format!("key hash {}", hex::encode(hash)), reason));
                     continue;

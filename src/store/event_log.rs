@@ -6,7 +6,8 @@
 //!   fixed-width entries (15, not 16: with its length byte a key then fills an
 //!   index entry to exactly 24 bytes instead of padding it to 32). The key itself is inside the envelope, for replay.
 //!   SQL computes the same with `webhook_worker.event_key_hash(text)`.
-//! - The envelope is stored as the worker received it, compressed with zstd
+//! - The envelope is stored once (its key and `received_at` only there), less
+//!   the ingress's `request_id` (for that request's logs only), compressed with zstd
 //!   and a dictionary built into the binary (`envelope-dict-1.txt`: one
 //!   envelope of each kind), which takes a ~500-byte Twilio envelope to
 //!   ~120 bytes. Its first byte names the format, so that a later dictionary can

@@ -55,7 +55,6 @@ pub struct Settled {
     pub key_hash: Vec<u8>,
     pub kind: &'static str,
     pub business_id: Option<i32>,
-    pub received_at: DateTime<Utc>,
     /// `applied`, or `ignored: <why>`.
     pub outcome: String,
     /// The envelope's stored form ([`super::event_log::EnvelopePacker::pack`]).
@@ -68,13 +67,12 @@ pub async fn log(tx: &mut PgConnection, events: &[Settled]) -> Result<(), sqlx::
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO webhook_worker.inbox (key_hash, kind, business_id, received_at, outcome, envelope)
-         SELECT * FROM unnest($1::bytea[], $2::text[], $3::int4[], $4::timestamptz[], $5::text[], $6::bytea[])",
+        "INSERT INTO webhook_worker.inbox (key_hash, kind, business_id, outcome, envelope)
+         SELECT * FROM unnest($1::bytea[], $2::text[], $3::int4[], $4::text[], $5::bytea[])",
     )
     .bind(events.iter().map(|e| e.key_hash.as_slice()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.kind).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.business_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.received_at).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.outcome.as_str()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.envelope.as_slice()).collect::<Vec<_>>())
     .execute(&mut *tx)
@@ -109,15 +107,17 @@ pub async fn days(pool: &PgPool, since: Option<DateTime<Utc>>) -> Result<Vec<Nai
 /// A logged event: its key hash and its envelope's stored form.
 pub type Logged = (Vec<u8>, Vec<u8>);
 
-/// The logged events of one day that match `filter`, oldest first, read in one
-/// pass (the day's partition is scanned and sorted once).
+/// The logged events of one day that match `filter`, in the order they were
+/// applied, read in one pass (the day's partition is scanned and sorted once).
+/// With `since`, also events received before it but applied after: the
+/// caller checks the envelope's `received_at` (the log keeps the time only there).
 pub fn read_day<'a>(pool: &'a PgPool, day: NaiveDate, filter: &Filter) -> BoxStream<'a, Result<Logged, sqlx::Error>> {
     sqlx::query_as(
         "SELECT key_hash, envelope FROM webhook_worker.inbox
           WHERE day = $1 AND starts_with(kind, $2 || '_')
             AND ($3::int IS NULL OR business_id = $3)
-            AND ($4::timestamptz IS NULL OR received_at >= $4)
-          ORDER BY received_at, key_hash",
+            AND ($4::timestamptz IS NULL OR applied_at >= $4)
+          ORDER BY applied_at, key_hash",
     )
     .bind(day)
     .bind(filter.provider.as_str())

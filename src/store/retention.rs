@@ -213,14 +213,13 @@ async fn copy_legacy_rows(
     let new: std::collections::HashSet<Vec<u8>> = new.into_iter().collect();
     let rows: Vec<(usize, &&LegacyRow)> = rows.iter().enumerate().filter(|(i, _)| new.contains(&hashes[*i])).collect();
     sqlx::query(
-        "INSERT INTO webhook_worker.inbox (key_hash, day, kind, business_id, received_at, applied_at, outcome, envelope)
-         SELECT * FROM unnest($1::bytea[], $2::date[], $3::text[], $4::int4[], $5::timestamptz[], $6::timestamptz[], $7::text[], $8::bytea[])",
+        "INSERT INTO webhook_worker.inbox (key_hash, day, kind, business_id, applied_at, outcome, envelope)
+         SELECT * FROM unnest($1::bytea[], $2::date[], $3::text[], $4::int4[], $5::timestamptz[], $6::text[], $7::bytea[])",
     )
     .bind(rows.iter().map(|(i, _)| hashes[*i].clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|(i, _)| days[*i]).collect::<Vec<_>>())
     .bind(rows.iter().map(|(_, r)| r.1.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|(_, r)| r.2).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, r)| r.3).collect::<Vec<_>>())
     .bind(rows.iter().map(|(_, r)| r.4).collect::<Vec<_>>())
     .bind(rows.iter().map(|(_, r)| r.5.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|(_, r)| packer.pack(r.6.as_bytes())).collect::<Vec<_>>())
