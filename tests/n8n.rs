@@ -316,8 +316,8 @@ async fn every_invalid_field_is_a_422_naming_it_and_nothing_is_published() {
     }
     accepted(push(&app, b, "msg_wide", &wide).await, "msg_wide").await;
     app.settled(1).await;
-    // Give anything wrongly published time to land, then check only the good push did.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Everything accepted settled, then check only the good push landed.
+    app.quiet().await;
     assert_eq!(count(&app.pool, "SELECT count(*) FROM webhook_worker.inbox").await, 1);
     let rows = bookings_of(&app.pool, b).await;
     assert_eq!(rows.len(), 1);
@@ -387,7 +387,7 @@ async fn refusals_of_the_signature_and_the_business_get_the_contract_answer() {
     // The other business's push with its own secret is the only thing that lands.
     accepted(push_at(&app, other, OTHER_SECRET, "msg_ok", now(), &body).await, "msg_ok").await;
     app.settled(1).await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    app.quiet().await;
     assert_eq!(count(&app.pool, "SELECT count(*) FROM webhook_worker.inbox").await, 1);
     for business in [b, no_integration, inactive, unparsable] {
         assert!(bookings_of(&app.pool, business).await.is_empty());

@@ -402,8 +402,8 @@ async fn duplicates_are_applied_once() {
     assert_eq!(settled(&app, "evt_dup_2").await, "applied");
     let first = row(&app, u).await;
     assert_eq!(first.status, "past_due");
-    // Let every redelivery reach the worker, then check nothing moved.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every redelivery settled by the worker, then check nothing moved.
+    app.quiet().await;
     let (inbox,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox").fetch_one(&app.pool).await.unwrap();
     assert_eq!(inbox, 2);

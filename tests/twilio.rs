@@ -111,10 +111,10 @@ async fn a_whole_call_in_order_lands_in_calls() {
 async fn a_call_in_reverse_order_ends_the_same() {
     let app = TestApp::spawn().await;
     let b = app.twilio_business(TOKEN).await;
-    for (endpoint, params) in whole_call().into_iter().rev() {
+    for (n, (endpoint, params)) in whole_call().into_iter().rev().enumerate() {
         assert_eq!(post(&app, b, endpoint, TOKEN, &params).await, 204);
-        // Let each one be applied before the next, so the order really is reversed.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Each one applied before the next, so the order really is reversed.
+        app.settled(n as i64 + 1).await;
     }
     assert_whole_call(&app, b).await;
     app.stop().await;
@@ -131,7 +131,7 @@ async fn duplicated_callbacks_apply_once() {
     }
     assert_whole_call(&app, b).await;
     // Wait for the redeliveries to be settled too, then check nothing doubled.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    app.quiet().await;
     let (inbox,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox").fetch_one(&app.pool).await.unwrap();
     assert_eq!(inbox, 5);

@@ -299,6 +299,29 @@ impl TestApp {
         .await
     }
 
+    /// Waits until the worker has settled every event the ingress accepted:
+    /// by this process's counters (each test is its own process under
+    /// nextest), as many applied, ignored, duplicate or dead-lettered as
+    /// accepted. Then nothing accepted is still on its way to the database.
+    pub async fn quiet(&self) {
+        self.eventually("every accepted event settled", || async {
+            let text = self.http.get(format!("{}/metrics", self.base)).send().await.ok()?.text().await.ok()?;
+            let total = |name: &str| -> f64 {
+                text.lines()
+                    .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum()
+            };
+            let accepted = total("micro8gents_events_accepted_total");
+            let settled = ["applied", "ignored", "duplicate", "dead_lettered"]
+                .iter()
+                .map(|o| total(&format!("micro8gents_events_{o}_total")))
+                .sum::<f64>();
+            (accepted > 0.0 && settled >= accepted).then_some(())
+        })
+        .await
+    }
+
     /// Stops the service and removes its database and broker objects.
     pub async fn stop(mut self) {
         self.stop_service().await;
