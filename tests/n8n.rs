@@ -226,19 +226,15 @@ async fn the_same_webhook_id_is_applied_once_even_with_a_changed_body() {
     // A retry (same id, new attempt time) with another body: accepted, and no effect.
     let r = push_at(&app, b, SECRET, "msg_dup", now() + 1, &changed.to_string()).await;
     accepted(r, "msg_dup").await;
-    // The queue is first in, first out: once this one is applied, so is the duplicate.
-    let sentinel = booking(None, "Sentinel", "2026-03-16T10:00:00Z", "upcoming");
-    accepted(push(&app, b, "msg_sentinel", &sentinel).await, "msg_sentinel").await;
-    app.eventually("the sentinel", || async {
-        bookings_of(&app.pool, b).await.iter().any(|r| r.customer == "Sentinel").then_some(())
-    })
-    .await;
+    // Both settled (one applied, one a duplicate). Not "a later push landed":
+    // the worker applies other entities' events in other lanes, in any order.
+    app.quiet().await;
 
     let rows = bookings_of(&app.pool, b).await;
-    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!((rows[0].customer.as_str(), rows[0].status.as_str()), ("First Body", "upcoming"));
     assert_eq!(rows[0].date, utc("2026-03-16 10:00:00"));
-    assert_eq!(count(&app.pool, "SELECT count(*) FROM webhook_worker.inbox").await, 2);
+    assert_eq!(count(&app.pool, "SELECT count(*) FROM webhook_worker.inbox").await, 1);
     app.stop().await;
 }
 
