@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{TestApp, calls_of};
 use micro8gents::app::Role;
+use micro8gents::events::Family;
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
@@ -168,20 +169,26 @@ async fn a_worker_that_loses_the_broker_mid_batch_has_its_messages_redelivered_a
 
     // The worker takes a batch it cannot commit...
     pg.cut();
+    let tried = pg.attempts();
     for params in calls.iter().flatten().skip(1) {
         assert_eq!(post(&app, b, params).await.status(), 204);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.eventually("the worker holding every message and trying Postgres", || async {
+        (app.ready(Family::Calls).await == 0 && pg.attempts() > tried).then_some(())
+    })
+    .await;
     // ...then loses its broker connection: the broker requeues everything unacknowledged.
     amqp.cut();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // The held batch commits when Postgres returns, its ack fails, and the
-    // redelivered copies meet the inbox.
+    app.eventually("the unacknowledged messages back in the queue", || async {
+        (app.ready(Family::Calls).await == 11).then_some(())
+    })
+    .await;
+    // Postgres returns first, then the broker: the requeued copies are
+    // delivered again and meet the inbox.
     pg.restore();
-    tokio::time::sleep(Duration::from_millis(500)).await;
     amqp.restore();
     app.settled(12).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.eventually("nothing left in the queue", || async { (app.ready(Family::Calls).await == 0).then_some(()) }).await;
     assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.inbox").await, 12);
     assert_calls_completed(&app, b, 3).await;
     app.stop().await;

@@ -189,6 +189,19 @@ impl TestApp {
         Topology::new(&self.cfg.amqp_prefix, &self.cfg.retry_delays)
     }
 
+    /// How many messages wait in a family's work queue, not yet delivered to
+    /// a consumer (asked over a connection of the test's own, not through a proxy).
+    pub async fn ready(&self, family: micro8gents::events::Family) -> u32 {
+        use lapin::options::QueueDeclareOptions;
+        let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let queue = self.topology().work_queue(family);
+        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = ch.queue_declare(queue.as_str().into(), opts, Default::default()).await.unwrap();
+        conn.close(200, "bye".into()).await.ok();
+        q.message_count()
+    }
+
     /// Inserts a user and their business; returns the business id.
     pub async fn business(&self) -> i32 {
         let n = uuid::Uuid::new_v4().simple().to_string();
