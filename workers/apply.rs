@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::consumer::Item;
-use super::{Applier, ApplyError, Outcome, WorkerContext};
+use super::{Applier, ApplyError, Outcome, Refusal, WorkerContext};
 use crate::events::Envelope;
 use crate::store::{event_log, inbox, retention};
 
@@ -24,14 +24,14 @@ pub async fn apply_all<A: Applier>(
     let mut pause = Duration::from_millis(100);
     loop {
         let result = match apply_in_one_transaction::<A>(ctx, items).await {
-            Err(ApplyError::Permanent(_)) => apply_one_by_one::<A>(ctx, items).await,
+            Err(ApplyError::Refused(_)) => apply_one_by_one::<A>(ctx, items).await,
             other => other,
         };
         match result {
             Ok(outcomes) => return Some(outcomes),
             Err(e) => {
                 warn!(error = %e, pause_ms = pause.as_millis() as u64, "batch not applied; holding it and retrying");
-                if matches!(&e, ApplyError::Transient(db) if inbox::is_missing_partition(db))
+                if matches!(&e, ApplyError::Unavailable(db) if inbox::is_missing_partition(db))
                     && let Err(e) = retention::create_partitions(&ctx.pool).await
                 {
                     warn!(error = %e, "could not create the event log's partitions");
@@ -84,9 +84,9 @@ async fn apply_one_by_one<A: Applier>(ctx: &WorkerContext, items: &[Item]) -> Re
                 tx.commit().await?;
                 o
             }
-            Err(ApplyError::Permanent(reason)) => {
+            Err(ApplyError::Refused(reason)) => {
                 tx.rollback().await?;
-                Outcome::Retry(reason)
+                Outcome::Retry(reason.to_string())
             }
             Err(transient) => return Err(transient),
         };
@@ -117,14 +117,14 @@ async fn apply_claimed<A: Applier>(
 ) -> Result<Outcome, ApplyError> {
     let env = match &item.envelope {
         Ok(env) => env,
-        Err(reason) => return Ok(Outcome::Failed(reason.clone())),
+        Err(reason) => return Ok(Outcome::Park(reason.clone())),
     };
     if !claimed {
         return Ok(Outcome::Duplicate);
     }
     let outcome = A::apply(tx, &mut writes.family, env).await?;
     match &outcome {
-        Outcome::Retry(_) | Outcome::Failed(_) => inbox::release(tx, &env.key).await?,
+        Outcome::Retry(_) | Outcome::Park(_) => inbox::release(tx, &env.key).await?,
         Outcome::Ignored(why) => writes.log(env, format!("ignored: {why}")),
         Outcome::Applied | Outcome::Flagged(_) => writes.log(env, "applied".to_string()),
         Outcome::Duplicate => {}
@@ -142,7 +142,7 @@ struct Deferred<A: Applier> {
 
 impl<A: Applier> Deferred<A> {
     fn new(ctx: &WorkerContext) -> Result<Self, ApplyError> {
-        let packer = event_log::EnvelopePacker::new().map_err(|e| ApplyError::Permanent(format!("zstd: {e}")))?;
+        let packer = event_log::EnvelopePacker::new().map_err(Refusal::Compressor)?;
         Ok(Deferred { family: A::writes(ctx), settled: Vec::new(), packer })
     }
 

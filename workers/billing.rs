@@ -275,7 +275,7 @@ async fn apply_state(
     };
     if let Some(shown) = shown.as_ref().filter(|s| row.is_none() && s.plan.is_none()) {
         let reason = unnamed.unwrap_or_else(|| format!("subscription {} names no plan", shown.stripe_subscription_id));
-        return Ok(Outcome::Failed(reason));
+        return Ok(Outcome::Park(reason));
     }
     write_state(tx, &next).await?;
     match shown {

@@ -14,7 +14,7 @@ use chrono::{DateTime, Datelike, FixedOffset, Timelike, Utc, Weekday};
 use sqlx::PgConnection;
 use tracing::warn;
 
-use super::{Applier, ApplyError, Outcome, Report};
+use super::{Applier, ApplyError, Outcome, Refusal, Report};
 use crate::events::BusinessId;
 use crate::events::n8n::BookingEvent;
 use crate::events::{Envelope, Event, Family};
@@ -226,7 +226,9 @@ async fn write_booking(
         .fetch_optional(&mut *tx)
         .await?;
     // Only if the booking was deleted between our lock and our update; retried, it is created anew.
-    written.map(|(id,)| id).ok_or_else(|| ApplyError::Permanent("the booking was deleted while being updated".into()))
+    written
+        .map(|(id,)| id)
+        .ok_or_else(|| ApplyError::Refused(Refusal::Other("the booking was deleted while being updated")))
 }
 
 /// One `hours_of_operation` row, as the dashboard stores it.

@@ -50,7 +50,7 @@ pub trait Applier: Send + Sync + 'static {
 
     /// Applies one event whose inbox key this transaction has just claimed. An
     /// event that cannot be applied yet is `Outcome::Retry(reason)`; one that
-    /// never can is `Outcome::Failed(reason)` (parked); either gives its key back.
+    /// never can is `Outcome::Park(reason)` (parked at once); either gives its key back.
     fn apply(
         tx: &mut PgConnection,
         writes: &mut Self::Writes,
@@ -93,10 +93,10 @@ pub enum Outcome {
     Duplicate,
     /// Recorded, but it changes nothing (stale, or a kind we do not apply).
     Ignored(&'static str),
-    /// Cannot be applied yet; try again later.
+    /// Cannot be applied yet: retried through the delay queues, then parked.
     Retry(String),
-    /// Can never be applied.
-    Failed(String),
+    /// Can never be applied: parked in the dead-letter queue at once.
+    Park(String),
 }
 
 /// Something an operator must hear of about an applied event (a log line, a counter).
@@ -110,27 +110,61 @@ impl PartialEq for Outcome {
             (Outcome::Applied, Outcome::Applied) | (Outcome::Duplicate, Outcome::Duplicate) => true,
             (Outcome::Flagged(a), Outcome::Flagged(b)) => format!("{a:?}") == format!("{b:?}"),
             (Outcome::Ignored(a), Outcome::Ignored(b)) => a == b,
-            (Outcome::Retry(a), Outcome::Retry(b)) | (Outcome::Failed(a), Outcome::Failed(b)) => a == b,
+            (Outcome::Retry(a), Outcome::Retry(b)) | (Outcome::Park(a), Outcome::Park(b)) => a == b,
             _ => false,
         }
     }
 }
 
+/// Why an event was not applied, as the batch loop must treat it.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// Postgres is unreachable or busy: the whole batch waits and tries again.
+    /// Postgres is unreachable or busy: the whole batch is held and tried again.
     #[error("database unavailable: {0}")]
-    Transient(sqlx::Error),
-    /// Postgres refused this event's SQL (a constraint, a business deleted
-    /// meanwhile...). Alone in its transaction, the event is retried through the
-    /// delay queues (what it needs may arrive), then parked with this reason.
+    Unavailable(sqlx::Error),
+    /// This event was refused (a constraint, a business deleted meanwhile...).
+    /// Applied again alone in its transaction, it becomes [`Outcome::Retry`]:
+    /// retried through the delay queues (what it needs may arrive), then parked.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
+/// Why one event was refused: the dead-letter reason, never the SQL's parameters.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "database refused the event: SQLSTATE {code} {message}{}",
+        .constraint.as_ref().map(|c| format!(" (constraint {c})")).unwrap_or_default()
+    )]
+    Database { code: String, message: String, constraint: Option<String> },
+    #[error("database refused the event: {0}")]
+    Driver(sqlx::Error),
+    #[error("{0} without a business")]
+    NoBusiness(&'static str),
+    /// The event log's compressor could not be set up.
+    #[error("zstd: {0}")]
+    Compressor(std::io::Error),
+    /// A family's own reason (a row it needs vanished meanwhile...).
     #[error("{0}")]
-    Permanent(String),
+    Other(&'static str),
 }
 
 impl From<sqlx::Error> for ApplyError {
     fn from(e: sqlx::Error) -> Self {
-        if is_transient(&e) { ApplyError::Transient(e) } else { ApplyError::Permanent(describe_db_error(&e)) }
+        if is_transient(&e) { ApplyError::Unavailable(e) } else { ApplyError::Refused(Refusal::from(e)) }
+    }
+}
+
+impl From<sqlx::Error> for Refusal {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) => Refusal::Database {
+                code: db.code().unwrap_or_default().into_owned(),
+                message: db.message().to_owned(),
+                constraint: db.constraint().map(str::to_owned),
+            },
+            _ => Refusal::Driver(e),
+        }
     }
 }
 
@@ -152,27 +186,14 @@ fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
-/// A database error for the dead-letter reason: its SQLSTATE and constraint, never parameters.
-fn describe_db_error(e: &sqlx::Error) -> String {
-    match e {
-        sqlx::Error::Database(db) => format!(
-            "database refused the event: SQLSTATE {} {}{}",
-            db.code().unwrap_or_default(),
-            db.message(),
-            db.constraint().map(|c| format!(" (constraint {c})")).unwrap_or_default()
-        ),
-        other => format!("database refused the event: {other}"),
-    }
-}
-
 /// The business an event is for; an event that needs one and has none is refused.
 pub fn business_of(env: &Envelope) -> Result<BusinessId, ApplyError> {
-    env.business_id.ok_or_else(|| ApplyError::Permanent(format!("{} without a business", env.event.kind())))
+    env.business_id.ok_or_else(|| Refusal::NoBusiness(env.event.kind()).into())
 }
 
 /// An event on another family's queue (only a foreign publisher could put it there): parked.
 pub fn not_of_family(family: Family, event: &Event) -> Outcome {
-    Outcome::Failed(format!("{} is not a {} event", event.kind(), family.as_str()))
+    Outcome::Park(format!("{} is not a {} event", event.kind(), family.as_str()))
 }
 
 /// What a worker process shares between its consumers.

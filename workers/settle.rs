@@ -37,7 +37,7 @@ pub async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &
             Outcome::Duplicate => info!("duplicate; already applied"),
             Outcome::Ignored(why) => info!(reason = why, "recorded; changes nothing"),
             Outcome::Retry(reason) => retry_or_park(ctx, family, item, reason).await?,
-            Outcome::Failed(reason) => park(ctx, family, item, reason).await?,
+            Outcome::Park(reason) => park(ctx, family, item, reason).await?,
         }
         Ok(())
     }
@@ -57,7 +57,7 @@ fn count(item: &Item, outcome: &Outcome) {
         Outcome::Ignored(why) => {
             metrics::counter!(telemetry::EVENTS_IGNORED, "provider" => provider, "reason" => *why).increment(1)
         }
-        Outcome::Retry(_) | Outcome::Failed(_) => {}
+        Outcome::Retry(_) | Outcome::Park(_) => {}
     }
 }
 

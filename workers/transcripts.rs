@@ -323,13 +323,13 @@ pub async fn apply_intelligence(
     };
     let creds = match credentials(tx, business, e.account_sid.as_deref()).await? {
         Ok(creds) => creds,
-        Err(reason) => return Ok(Outcome::Failed(reason)),
+        Err(reason) => return Ok(Outcome::Park(reason)),
     };
     // Twilio is asked before any call row is locked.
     let fetched = match fetch(&api, &creds, tx, business, e).await {
         Ok(Ok(f)) => f,
         Ok(Err(ApiFailure::Retry(reason))) => return Ok(Outcome::Retry(reason)),
-        Ok(Err(ApiFailure::Park(reason))) => return Ok(Outcome::Failed(reason)),
+        Ok(Err(ApiFailure::Park(reason))) => return Ok(Outcome::Park(reason)),
         Err(db) => return Err(db.into()),
     };
     store_sentences(tx, business, &e.transcript_sid, &fetched).await?;
