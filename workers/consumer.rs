@@ -89,7 +89,7 @@ async fn consume<A: Applier>(ctx: &Arc<WorkerContext>, shutdown: &CancellationTo
                 break;
             }
             None => {
-                outcome = Err(BusError::Unavailable("consumer cancelled by the broker".into()));
+                outcome = Err(BusError::ConsumerCancelled);
                 break;
             }
         };
@@ -116,7 +116,7 @@ async fn consume<A: Applier>(ctx: &Arc<WorkerContext>, shutdown: &CancellationTo
     }
     let _ = ch.close(200, "shutdown".into()).await;
     if outcome.is_ok() && !shutdown.is_cancelled() {
-        outcome = Err(BusError::Unavailable("a lane stopped".into()));
+        outcome = Err(BusError::LaneStopped);
     }
     outcome
 }

@@ -28,8 +28,17 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// The last connect failed a moment ago; not tried again yet.
+    #[error("the broker is unreachable (reconnect backing off)")]
+    BackingOff,
     #[error("the broker is unreachable: {0}")]
-    Unavailable(String),
+    Connect(lapin::Error),
+    #[error("the broker is unreachable: connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("the broker cancelled the consumer")]
+    ConsumerCancelled,
+    #[error("a lane of the consumer stopped")]
+    LaneStopped,
     #[error("the broker refused the message: {0}")]
     Refused(&'static str),
     #[error("no publish confirm within {0:?}")]
@@ -119,14 +128,14 @@ impl Broker {
     async fn connect(&self) -> Result<Connection, BusError> {
         let recent = self.last_failure.lock().is_some_and(|t| t.elapsed() < RECONNECT_BACKOFF);
         if recent {
-            return Err(BusError::Unavailable("reconnect backing off".into()));
+            return Err(BusError::BackingOff);
         }
         let props = ConnectionProperties::default().with_connection_name(LongString::from(self.name.clone()));
         let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_and_declare(props)).await;
         let outcome = match result {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
-            Err(_) => Err(BusError::Unavailable(format!("connect timed out after {CONNECT_TIMEOUT:?}"))),
+            Ok(Err(e)) => Err(BusError::Connect(e)),
+            Err(_) => Err(BusError::ConnectTimeout(CONNECT_TIMEOUT)),
         };
         *self.last_failure.lock() = outcome.as_ref().err().map(|_| Instant::now());
         outcome
