@@ -326,7 +326,8 @@ fn parse_clock(raw: &str) -> Option<u32> {
     let h: u32 = parts.next()?.parse().ok()?;
     let m: u32 = parts.next()?.parse().ok()?;
     let s: u32 = parts.next().map_or(Some(0), |s| s.parse().ok())?;
-    let secs = h * 3600 + m * 60 + s;
+    // Checked: the dashboard's free-text column may hold `1193047:00`, which overflows `h * 3600`.
+    let secs = h.checked_mul(3600)?.checked_add(m.checked_mul(60)?)?.checked_add(s)?;
     (parts.next().is_none() && m < 60 && s < 60 && secs <= DAY).then_some(secs)
 }
 
@@ -434,7 +435,8 @@ mod tests {
         assert_eq!(parse_clock("09:00"), Some(9 * 3600));
         assert_eq!(parse_clock("9:05:30"), Some(9 * 3600 + 330));
         assert_eq!(parse_clock("24:00"), Some(DAY));
-        for bad in ["24:01", "12:60", "12", "12:00:00:00", "noon", ""] {
+        let huge = ["1193047:00", "4294967295:00", "0:71582789", "0:0:4294967295", "1193046:28:16"];
+        for bad in ["24:01", "12:60", "12", "12:00:00:00", "noon", ""].into_iter().chain(huge) {
             assert_eq!(parse_clock(bad), None, "{bad}");
         }
     }

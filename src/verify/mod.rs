@@ -4,6 +4,9 @@ pub mod standard_webhooks;
 pub mod stripe;
 pub mod twilio;
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use hmac::{KeyInit, Mac};
 
 /// Why a request's signature was refused. Never carries secret material.
@@ -43,11 +46,35 @@ impl VerifyError {
 /// `None` only if the MAC refuses the key length, which HMAC never does; it
 /// exists so that no code path can panic.
 pub(crate) fn keyed_mac<M: Mac + KeyInit>(key: &[u8], parts: &[&[u8]]) -> Option<M> {
+    count_mac();
     let mut mac = <M as KeyInit>::new_from_slice(key).ok()?;
     for part in parts {
         mac.update(part);
     }
     Some(mac)
+}
+
+static MACS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static THREAD_MACS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_mac() {
+    MACS.fetch_add(1, Ordering::Relaxed);
+    THREAD_MACS.with(|n| n.set(n.get() + 1));
+}
+
+/// MACs computed by this process so far: the unit of work a refusal costs, exported as a
+/// metric so that a flood's cost can be watched (and asserted on by the tests).
+pub fn macs_computed() -> u64 {
+    MACS.load(Ordering::Relaxed)
+}
+
+/// MACs computed by the calling thread so far (verification is synchronous, so a property
+/// test can count exactly what one call cost, whatever runs beside it).
+pub fn macs_computed_by_this_thread() -> u64 {
+    THREAD_MACS.with(Cell::get)
 }
 
 /// Constant-time check of `tag` against the MAC of `parts` under `key`.

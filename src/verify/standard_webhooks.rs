@@ -10,7 +10,9 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use hmac::Hmac;
 use sha2::Sha256;
 
-use super::{VerifyError, mac_bytes, mac_matches};
+use subtle::ConstantTimeEq;
+
+use super::{VerifyError, mac_bytes};
 
 pub const ID_HEADER: &str = "webhook-id";
 pub const TIMESTAMP_HEADER: &str = "webhook-timestamp";
@@ -63,11 +65,22 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The longest `webhook-signature` header read. A sender signs with one secret, two
+/// during a rotation; each `v1` entry is 47 bytes, so this leaves ample room while
+/// keeping the cost of reading a hostile header small.
+pub const MAX_SIGNATURE_HEADER_BYTES: usize = 2048;
+/// The most `v1` tags looked at in one header (more is refused as malformed).
+pub const MAX_TAGS: usize = 16;
+/// An HMAC-SHA256 tag's length; a `v1` entry of any other length can never match.
+const TAG_LEN: usize = 32;
+
 /// Verifies id/timestamp/signature headers (space-separated `v1,<b64>` list; other versions skipped) against every secret,
 /// with ±tolerance on the timestamp. A missing header -> MissingHeader(name); non-integer timestamp -> MalformedHeader.
 ///
-/// The signature is checked before the clock so that only authentic requests learn about
-/// the time window.
+/// Refusing costs little whatever the request carries: the timestamp is checked before
+/// any MAC, the header's size and its number of tags are capped, a header without one
+/// well-formed `v1` tag is malformed (so callers know a fresh secret can't help), and
+/// each secret's MAC is computed once and compared with every tag.
 pub fn verify(
     secrets: &[Secret],
     id: Option<&str>,
@@ -80,18 +93,17 @@ pub fn verify(
     let timestamp = timestamp.ok_or(VerifyError::MissingHeader(TIMESTAMP_HEADER))?;
     let signature = signature.ok_or(VerifyError::MissingHeader(SIGNATURE_HEADER))?;
     let ts: i64 = timestamp.parse().map_err(|_| VerifyError::MalformedHeader(TIMESTAMP_HEADER))?;
-    let tags = v1_tags(signature);
-    let ts_text = ts.to_string();
-    let content: [&[u8]; 5] = [id.as_bytes(), b".", ts_text.as_bytes(), b".", body];
-    let matched =
-        secrets.iter().any(|secret| tags.iter().any(|tag| mac_matches::<Hmac<Sha256>>(&secret.0, &content, tag)));
-    if !matched {
-        return Err(VerifyError::Mismatch);
-    }
     if now.abs_diff(ts) > TOLERANCE_SECS.unsigned_abs() {
         return Err(VerifyError::TimestampOutOfTolerance(TOLERANCE_SECS));
     }
-    Ok(())
+    let tags = v1_tags(signature)?;
+    let ts_text = ts.to_string();
+    let content: [&[u8]; 5] = [id.as_bytes(), b".", ts_text.as_bytes(), b".", body];
+    let matched = secrets.iter().any(|secret| {
+        let expected = mac_bytes::<Hmac<Sha256>>(&secret.0, &content);
+        tags.iter().fold(false, |hit, tag| hit | bool::from(expected.as_slice().ct_eq(tag)))
+    });
+    if matched { Ok(()) } else { Err(VerifyError::Mismatch) }
 }
 
 /// `v1,<base64>` for tests and tools.
@@ -102,16 +114,31 @@ pub fn sign(secret: &Secret, id: &str, timestamp: i64, body: &[u8]) -> String {
     format!("{VERSION},{}", STANDARD.encode(tag))
 }
 
-/// Decoded `v1` tags. Entries of other versions, or that are not canonical base64, can
-/// never match and are dropped; strict decoding keeps "decode then compare" equivalent
-/// to the reference libraries' string comparison.
-fn v1_tags(header: &str) -> Vec<Vec<u8>> {
-    header
-        .split(' ')
-        .filter_map(|entry| entry.split_once(','))
-        .filter(|(version, _)| *version == VERSION)
-        .filter_map(|(_, sig)| STANDARD.decode(sig).ok())
-        .collect()
+/// The well-formed `v1` tags: canonical base64 of exactly 32 bytes. Entries of other
+/// versions, or that could never match, are skipped; strict decoding keeps "decode then
+/// compare" equivalent to the reference libraries' string comparison. A header that is
+/// too long, holds too many tags or none that is well-formed is malformed.
+pub fn v1_tags(header: &str) -> Result<Vec<[u8; TAG_LEN]>, VerifyError> {
+    let malformed = VerifyError::MalformedHeader(SIGNATURE_HEADER);
+    if header.len() > MAX_SIGNATURE_HEADER_BYTES {
+        return Err(malformed);
+    }
+    let mut tags = Vec::new();
+    for (version, sig) in header.split(' ').filter_map(|entry| entry.split_once(',')) {
+        // A base64 text of a 32-byte tag is 44 characters; anything else is skipped unread.
+        // The buffer is a little larger than the tag because the decoder sizes by estimate.
+        let mut decoded = [0u8; TAG_LEN + 4];
+        if version != VERSION || sig.len() != 44 || STANDARD.decode_slice(sig, &mut decoded) != Ok(TAG_LEN) {
+            continue;
+        }
+        if tags.len() == MAX_TAGS {
+            return Err(malformed);
+        }
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&decoded[..TAG_LEN]);
+        tags.push(tag);
+    }
+    if tags.is_empty() { Err(malformed) } else { Ok(tags) }
 }
 
 #[cfg(test)]
@@ -175,9 +202,10 @@ mod tests {
 
     #[test]
     fn official_negative_empty_and_truncated() {
-        assert_eq!(official("v1,"), Err(VerifyError::Mismatch));
+        let malformed = Err(VerifyError::MalformedHeader(SIGNATURE_HEADER));
+        assert_eq!(official("v1,"), malformed);
         for cut in 0..OFF_SIG.len() {
-            assert_eq!(official(&OFF_SIG[..cut]), Err(VerifyError::Mismatch), "{cut}");
+            assert_eq!(official(&OFF_SIG[..cut]), malformed, "{cut}");
         }
     }
 
@@ -185,7 +213,8 @@ mod tests {
     fn official_other_versions_are_skipped() {
         let header = format!("v2,AAAA v1a,hnO3f9T8Ytu9 {OFF_SIG} v2,{}", &OFF_SIG[3..]);
         assert_eq!(official(&header), Ok(()));
-        assert_eq!(official(&format!("v2,{}", &OFF_SIG[3..])), Err(VerifyError::Mismatch));
+        let v2_only = format!("v2,{}", &OFF_SIG[3..]);
+        assert_eq!(official(&v2_only), Err(VerifyError::MalformedHeader(SIGNATURE_HEADER)));
     }
 
     // ---- §5.3 n8n vector and rotation -------------------------------------------------------
@@ -245,10 +274,14 @@ mod tests {
         assert_eq!(n8n(&s, N8N_SIG, N8N_BODY, i64::MAX), out);
     }
 
+    /// The clock is read before any MAC, so a stale request costs no hashing at all
+    /// (the window is public: the spec documents it).
     #[test]
-    fn forged_stale_request_reports_mismatch() {
+    fn a_stale_request_is_refused_before_any_mac() {
+        let before = crate::verify::macs_computed_by_this_thread();
         let res = n8n(&[secret(ROTATED_SECRET)], N8N_SIG, N8N_BODY, N8N_TS + 10_000);
-        assert_eq!(res, Err(VerifyError::Mismatch));
+        assert_eq!(res, Err(VerifyError::TimestampOutOfTolerance(TOLERANCE_SECS)));
+        assert_eq!(crate::verify::macs_computed_by_this_thread(), before);
     }
 
     #[test]
@@ -285,10 +318,43 @@ mod tests {
     }
 
     #[test]
-    fn garbage_signature_headers_are_mismatches() {
-        for header in ["", " ", "v1", "v1,", ",", "v1,!!!", "v1,AAAA", "v1 ,x", "\u{fffd}"] {
-            assert_eq!(official(header), Err(VerifyError::Mismatch), "{header:?}");
+    fn headers_without_a_well_formed_tag_are_malformed_and_cost_no_mac() {
+        let wrong_length = format!("v1,{}", STANDARD.encode([7u8; 31]));
+        let not_canonical = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OF=";
+        for header in
+            ["", " ", "v1", "v1,", ",", "v1,!!!", "v1,AAAA", "v1 ,x", "\u{fffd}", &wrong_length, not_canonical]
+        {
+            let before = crate::verify::macs_computed_by_this_thread();
+            assert_eq!(official(header), Err(VerifyError::MalformedHeader(SIGNATURE_HEADER)), "{header:?}");
+            assert_eq!(crate::verify::macs_computed_by_this_thread(), before, "{header:?}");
         }
+    }
+
+    #[test]
+    fn malformed_tags_beside_a_good_one_are_skipped() {
+        let header = format!("v1,AAAA v1,!!! v1,{} {OFF_SIG}", STANDARD.encode([7u8; 31]));
+        assert_eq!(official(&header), Ok(()));
+    }
+
+    #[test]
+    fn the_header_size_and_the_number_of_tags_are_capped() {
+        let malformed = Err(VerifyError::MalformedHeader(SIGNATURE_HEADER));
+        let wrong = format!("v1,{}", STANDARD.encode([9u8; 32]));
+        let many = |n: usize| vec![wrong.as_str(); n].join(" ");
+        assert_eq!(official(&format!("{} {OFF_SIG}", many(MAX_TAGS - 1))), Ok(()));
+        assert_eq!(official(&format!("{} {OFF_SIG}", many(MAX_TAGS))), malformed);
+        let padded = format!("{OFF_SIG}{}", " ".repeat(MAX_SIGNATURE_HEADER_BYTES));
+        assert_eq!(official(&padded), malformed);
+    }
+
+    #[test]
+    fn each_secret_costs_one_mac_whatever_the_number_of_tags() {
+        let wrong = format!("v1,{}", STANDARD.encode([9u8; 32]));
+        let header = vec![wrong.as_str(); MAX_TAGS].join(" ");
+        let secrets = [secret(N8N_SECRET), secret(ROTATED_SECRET), secret(OFF_SECRET)];
+        let before = crate::verify::macs_computed_by_this_thread();
+        assert_eq!(n8n(&secrets, &header, N8N_BODY, N8N_TS), Err(VerifyError::Mismatch));
+        assert_eq!(crate::verify::macs_computed_by_this_thread() - before, 3);
     }
 
     // ---- secrets ----------------------------------------------------------------------------

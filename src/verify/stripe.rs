@@ -10,6 +10,12 @@ use super::{VerifyError, mac_bytes};
 pub const SIGNATURE_HEADER: &str = "stripe-signature";
 pub const DEFAULT_TOLERANCE_SECS: i64 = 300;
 
+/// The longest `Stripe-Signature` read: Stripe sends a timestamp and one `v1` per live
+/// secret (two during a rotation) plus a `v0`, about 220 bytes.
+pub const MAX_HEADER_BYTES: usize = 2048;
+/// The most `v1` values looked at in one header (more is refused as malformed).
+pub const MAX_SIGNATURES: usize = 16;
+
 /// The only live scheme; Stripe's docs say to ignore all others to prevent downgrades.
 const SCHEME: &str = "v1";
 
@@ -18,8 +24,9 @@ const SCHEME: &str = "v1";
 /// Returns the header's timestamp.
 ///
 /// The tolerance is applied literally: unlike stripe-python, 0 does not switch the check off.
-/// The signature is checked before the timestamp so that only authentic requests learn
-/// about the clock window.
+/// The timestamp is checked before any MAC (the window is public), the header's size and
+/// its number of `v1` values are capped, and each secret's MAC is computed once and
+/// compared with every `v1`, so a refusal costs at most one MAC per secret.
 pub fn verify(
     secrets: &[&str],
     header: Option<&str>,
@@ -29,17 +36,14 @@ pub fn verify(
 ) -> Result<i64, VerifyError> {
     let header = header.ok_or(VerifyError::MissingHeader(SIGNATURE_HEADER))?;
     let (t, signatures) = parse_header(header)?;
-    let matched = secrets.iter().any(|secret| {
-        let expected = hex::encode(signature(secret, t, body));
-        signatures.iter().any(|sig| bool::from(expected.as_bytes().ct_eq(sig.as_bytes())))
-    });
-    if !matched {
-        return Err(VerifyError::Mismatch);
-    }
     if t < now.saturating_sub(tolerance_secs) {
         return Err(VerifyError::TimestampOutOfTolerance(tolerance_secs));
     }
-    Ok(t)
+    let matched = secrets.iter().any(|secret| {
+        let expected = hex::encode(signature(secret, t, body));
+        signatures.iter().fold(false, |hit, sig| hit | bool::from(expected.as_bytes().ct_eq(sig.as_bytes())))
+    });
+    if matched { Ok(t) } else { Err(VerifyError::Mismatch) }
 }
 
 /// `t=<t>,v1=<hex>` for tests and tools.
@@ -57,14 +61,16 @@ fn signature(secret: &str, t: i64, body: &[u8]) -> Vec<u8> {
 /// unknown keys are skipped; a missing/non-integer `t` or no `v1` at all is malformed.
 fn parse_header(header: &str) -> Result<(i64, Vec<&str>), VerifyError> {
     let malformed = VerifyError::MalformedHeader(SIGNATURE_HEADER);
-    let items: Vec<(&str, &str)> = header.split(',').filter_map(|i| i.split_once('=')).collect();
-    let t = items
-        .iter()
+    if header.len() > MAX_HEADER_BYTES {
+        return Err(malformed);
+    }
+    let items = || header.split(',').filter_map(|i| i.split_once('='));
+    let t = items()
         .find(|(key, _)| *key == "t")
         .and_then(|(_, value)| value.parse::<i64>().ok())
         .ok_or_else(|| malformed.clone())?;
-    let signatures: Vec<&str> = items.iter().filter(|(key, _)| *key == SCHEME).map(|(_, value)| *value).collect();
-    if signatures.is_empty() {
+    let signatures: Vec<&str> = items().filter(|(key, _)| *key == SCHEME).map(|(_, value)| value).collect();
+    if signatures.is_empty() || signatures.len() > MAX_SIGNATURES {
         return Err(malformed);
     }
     Ok((t, signatures))
@@ -232,8 +238,31 @@ mod tests {
     }
 
     #[test]
-    fn forged_stale_request_reports_mismatch_not_staleness() {
-        assert_eq!(s2(&["whsec_wrong"], S2_T + 10_000), Err(VerifyError::Mismatch));
+    fn a_stale_request_is_refused_before_any_mac() {
+        let before = crate::verify::macs_computed_by_this_thread();
+        assert_eq!(s2(&["whsec_wrong"], S2_T + 10_000), Err(VerifyError::TimestampOutOfTolerance(300)));
+        assert_eq!(crate::verify::macs_computed_by_this_thread(), before);
+    }
+
+    #[test]
+    fn the_header_size_and_the_number_of_v1_values_are_capped() {
+        let malformed = Err(VerifyError::MalformedHeader(SIGNATURE_HEADER));
+        let wrong = format!("v1={}", "0".repeat(64));
+        let with = |n: usize| format!("t={S1_T},{},{}", vec![wrong.as_str(); n].join(","), &S1_HEADER[13..]);
+        assert_eq!(s1(&with(MAX_SIGNATURES - 1), S1_BODY.as_bytes()), Ok(S1_T));
+        assert_eq!(s1(&with(MAX_SIGNATURES), S1_BODY.as_bytes()), malformed);
+        let padded = format!("{S1_HEADER},x={}", "y".repeat(MAX_HEADER_BYTES));
+        assert_eq!(s1(&padded, S1_BODY.as_bytes()), malformed);
+    }
+
+    #[test]
+    fn each_secret_costs_one_mac_whatever_the_number_of_v1_values() {
+        let wrong = format!("v1={}", "0".repeat(64));
+        let header = format!("t={S1_T},{}", vec![wrong.as_str(); MAX_SIGNATURES].join(","));
+        let before = crate::verify::macs_computed_by_this_thread();
+        let res = verify(&["whsec_a", "whsec_b"], Some(&header), S1_BODY.as_bytes(), S1_T, 300);
+        assert_eq!(res, Err(VerifyError::Mismatch));
+        assert_eq!(crate::verify::macs_computed_by_this_thread() - before, 2);
     }
 
     #[test]

@@ -34,6 +34,37 @@ impl Algorithm {
     }
 }
 
+/// The most parameters a Twilio form callback may carry. Voice, recording and
+/// transcription callbacks send a few dozen; a hostile body of hundreds of thousands
+/// of empty parameters is refused before a single one is decoded.
+pub const MAX_FORM_PARAMS: usize = 256;
+
+/// Why a form body was refused before its signature could be checked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormError {
+    #[error("the form has more than {0} parameters")]
+    TooManyParams(usize),
+    #[error("the form repeats the parameter {0:?} (Twilio never does)")]
+    DuplicateName(String),
+}
+
+/// A form body's pairs in body order, refused if it has more than [`MAX_FORM_PARAMS`]
+/// parameters (counted without decoding anything) or repeats a name. The name in the
+/// error is cut short: it comes from whoever sent the body.
+pub fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, FormError> {
+    // form_urlencoded skips empty segments, so count the same way.
+    let count = body.split(|b| *b == b'&').filter(|segment| !segment.is_empty()).count();
+    if count > MAX_FORM_PARAMS {
+        return Err(FormError::TooManyParams(MAX_FORM_PARAMS));
+    }
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+    let mut seen = std::collections::HashSet::with_capacity(pairs.len());
+    if let Some((name, _)) = pairs.iter().find(|(name, _)| !seen.insert(name.as_str())) {
+        return Err(FormError::DuplicateName(name.chars().take(64).collect()));
+    }
+    Ok(pairs)
+}
+
 /// Parses X-Twilio-Webhooks-Signature-Settings (`key=<id>,algorithm=HMAC_SHA256`); None header => HmacSha1.
 ///
 /// A header that is present but unreadable is refused rather than defaulted, so a
@@ -665,6 +696,40 @@ mod tests {
     }
 
     // ---- headers ----------------------------------------------------------------------------
+
+    #[test]
+    fn forms_are_parsed_in_body_order() {
+        let pairs = parse_form(b"CallSid=CA1&From=%2B1415&Empty=&&Flag").unwrap();
+        assert_eq!(
+            pairs,
+            vec![
+                ("CallSid".into(), "CA1".into()),
+                ("From".into(), "+1415".into()),
+                ("Empty".into(), String::new()),
+                ("Flag".into(), String::new()),
+            ]
+        );
+        assert_eq!(parse_form(b"").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn forms_with_too_many_params_are_refused_without_decoding() {
+        let at_cap =
+            vec!["a%20b=c"; MAX_FORM_PARAMS].iter().enumerate().map(|(i, p)| format!("{i}{p}")).collect::<Vec<_>>();
+        assert_eq!(parse_form(at_cap.join("&").as_bytes()).map(|p| p.len()), Ok(MAX_FORM_PARAMS));
+        let hostile = "=&".repeat(150_000);
+        assert_eq!(parse_form(hostile.as_bytes()), Err(FormError::TooManyParams(MAX_FORM_PARAMS)));
+        // Empty segments are not parameters, as form_urlencoded reads them.
+        assert_eq!(parse_form("&".repeat(100_000).as_bytes()), Ok(vec![]));
+    }
+
+    #[test]
+    fn forms_that_repeat_a_name_are_refused_naming_it_briefly() {
+        assert_eq!(parse_form(b"A=1&B=2&A=3"), Err(FormError::DuplicateName("A".into())));
+        let long = format!("{0}=1&{0}=2", "n".repeat(1000));
+        let err = parse_form(long.as_bytes()).unwrap_err();
+        assert_eq!(err, FormError::DuplicateName("n".repeat(64)));
+    }
 
     #[test]
     fn settings_header() {
