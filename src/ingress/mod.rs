@@ -30,7 +30,7 @@ use crate::bus::durable::Durable;
 use crate::bus::{Broker, Topology};
 use crate::config::Config;
 use crate::events::{BusinessId, Envelope, Provider};
-use crate::store::secrets::{Keys, Lookup, SecretStore};
+use crate::store::secrets::{Keys, Lookup, LookupError, SecretStore};
 use crate::telemetry;
 use crate::trace::{TRACEPARENT, TraceParent};
 use crate::verify::VerifyError;
@@ -370,7 +370,9 @@ fn parse_business(raw: &str) -> Result<BusinessId, ApiError> {
 
 /// Checks a signature against the business's active secrets for the
 /// endpoint's provider. A mismatch against cached secrets is checked once more
-/// against a fresh read, so a rotation takes effect at once.
+/// against a fresh read, so a rotation takes effect at once; only a mismatch (some
+/// tag was well formed) earns that read, and only within the store's budget, so
+/// refusing garbage never costs a query.
 pub async fn verify_with_business_secrets<F>(
     incoming: &Incoming,
     body: Unverified,
@@ -380,16 +382,20 @@ where
     F: Fn(&Keys, &[u8]) -> Result<(), VerifyError>,
 {
     let (state, kind, business) = (&incoming.state, incoming.endpoint.provider, incoming.business()?);
-    let cached = state.secrets.get(business, kind).await.map_err(db_unavailable)?;
+    let cached = state.secrets.get(business, kind).await.map_err(lookup_failed)?;
     let check = |keys: &Keys, bytes: &[u8]| check(keys, bytes);
-    match check_lookup(&cached, kind, &body, &check) {
+    let refused = match check_lookup(&cached, kind, &body, &check) {
         // A key saved a moment ago (a rotated token, a first shared key) works at once.
-        Err(ApiError::Signature(VerifyError::Mismatch | VerifyError::NoSharedKey)) => {}
+        Err(e @ ApiError::Signature(VerifyError::Mismatch | VerifyError::NoSharedKey)) => e,
         Ok(()) => return Ok(body.verified()),
         Err(other) => return Err(other),
+    };
+    match state.secrets.fresh(business, kind).await {
+        Ok(fresh) => check_lookup(&fresh, kind, &body, &check)?,
+        // No budget for a re-check now: the cached secrets' answer stands.
+        Err(LookupError::OverBudget) => return Err(refused),
+        Err(e) => return Err(lookup_failed(e)),
     }
-    let fresh = state.secrets.fresh(business, kind).await.map_err(db_unavailable)?;
-    check_lookup(&fresh, kind, &body, &check)?;
     Ok(body.verified())
 }
 
@@ -404,9 +410,14 @@ where
     }
 }
 
-fn db_unavailable(e: sqlx::Error) -> ApiError {
-    warn!(error = %e, "secret lookup failed");
-    ApiError::Unavailable("the database is unreachable")
+fn lookup_failed(e: LookupError) -> ApiError {
+    match e {
+        LookupError::OverBudget => ApiError::Unavailable("secret look-ups are over budget"),
+        LookupError::Database(e) => {
+            warn!(error = %e, "secret lookup failed");
+            ApiError::Unavailable("the database is unreachable")
+        }
+    }
 }
 
 /// Logs a refusal with its reason (never the secret or the signature), counts it and answers it.

@@ -5,13 +5,23 @@
 //! cache is checked again against a fresh read before it is refused, so a new
 //! secret works the moment it is saved, and a removed or deactivated one stops
 //! working within `ttl` (see docs/adr/0004-secret-cache.md).
+//!
+//! Anyone can name any business id, so what an id the database doesn't know may
+//! cost is bounded (docs/adr/0010-hostile-input.md): the cache is a bounded `moka`
+//! cache whose frequency-based admission keeps real businesses in when a flood of
+//! one-off ids passes through; unknown ids are remembered (for `ttl`) like known
+//! ones; and a read that is not the periodic refresh of a business known to exist
+//! (an id never seen, or a re-check after a mismatch) needs a token from a shared
+//! budget (`governor`), so a flood of random ids costs a bounded number of queries
+//! per second and can't queue real lookups behind it on the pool.
 
-use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
-
-use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use moka::sync::Cache;
 use sqlx::PgPool;
 use tracing::warn;
 
@@ -88,53 +98,172 @@ fn shared_keys(business: BusinessId, integration: i32, raw: Option<serde_json::V
 
 type Key = (BusinessId, Provider);
 
+/// How much memory and how many database reads the secret cache may spend.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretCacheLimits {
+    /// How long an answer is trusted (`SECRET_CACHE_TTL`); also how long an unknown
+    /// business is remembered as unknown, so a business created a moment ago works
+    /// within this time.
+    pub ttl: Duration,
+    /// The most (business, kind) answers kept (`SECRET_CACHE_CAPACITY`).
+    pub capacity: u64,
+    /// Reads per second allowed for ids not known to exist and for re-checks after a
+    /// mismatch (`SECRET_FRESH_READS_PER_SEC`); the refresh of a known business is free.
+    pub fresh_reads_per_sec: NonZeroU32,
+}
+
+impl SecretCacheLimits {
+    pub const DEFAULT_CAPACITY: u64 = 10_000;
+    pub const DEFAULT_FRESH_READS_PER_SEC: NonZeroU32 = NonZeroU32::new(50).unwrap();
+
+    pub fn with_ttl(ttl: Duration) -> Self {
+        SecretCacheLimits {
+            ttl,
+            capacity: Self::DEFAULT_CAPACITY,
+            fresh_reads_per_sec: Self::DEFAULT_FRESH_READS_PER_SEC,
+        }
+    }
+}
+
+/// Why no answer could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("the database read failed: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The budget of fresh reads is spent for now (a flood of unknown ids or of bad signatures).
+    #[error("too many secret look-ups right now")]
+    OverBudget,
+}
+
+/// One cached answer, with the instant its read began.
+#[derive(Clone)]
+struct Entry {
+    read_at: Instant,
+    lookup: Lookup,
+}
+
+impl Entry {
+    /// The business exists, so refreshing its answer costs no budget.
+    fn known(&self) -> bool {
+        !matches!(self.lookup, Lookup::UnknownBusiness)
+    }
+}
+
+/// Unknown ids are forgotten after the TTL; the answers of existing businesses are kept
+/// longer (still re-read after the TTL) so that their refresh stays out of the budget.
+struct Expiry {
+    ttl: Duration,
+    known_for: Duration,
+}
+
+impl moka::Expiry<Key, Entry> for Expiry {
+    fn expire_after_create(&self, _: &Key, entry: &Entry, _: Instant) -> Option<Duration> {
+        Some(if entry.known() { self.known_for } else { self.ttl })
+    }
+
+    fn expire_after_update(&self, key: &Key, entry: &Entry, at: Instant, _: Option<Duration>) -> Option<Duration> {
+        self.expire_after_create(key, entry, at)
+    }
+}
+
+/// A business not asked about for this long must earn its next read from the budget again.
+const KNOWN_FOR: Duration = Duration::from_secs(3600);
+
 pub struct SecretStore {
     pool: PgPool,
     ttl: Duration,
-    /// Each answer with the instant its read began.
-    cache: Mutex<HashMap<Key, (Instant, Lookup)>>,
+    cache: Cache<Key, Entry>,
     /// One database read at a time per key: a burst of requests (bad
-    /// signatures included) waiting for a fresh answer shares one read.
-    gates: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
-    reads: std::sync::atomic::AtomicU64,
+    /// signatures included) waiting for a fresh answer shares one read. Bounded
+    /// too; a gate evicted while held costs at most one extra read.
+    gates: Cache<Key, Arc<tokio::sync::Mutex<()>>>,
+    budget: DefaultDirectRateLimiter,
+    reads: AtomicU64,
+    over_budget: AtomicU64,
 }
 
 impl SecretStore {
     pub fn new(pool: PgPool, ttl: Duration) -> Self {
-        SecretStore { pool, ttl, cache: Mutex::default(), gates: Mutex::default(), reads: Default::default() }
+        Self::with_limits(pool, SecretCacheLimits::with_ttl(ttl))
+    }
+
+    pub fn with_limits(pool: PgPool, limits: SecretCacheLimits) -> Self {
+        let known_for = KNOWN_FOR.max(limits.ttl);
+        let cache =
+            Cache::builder().max_capacity(limits.capacity).expire_after(Expiry { ttl: limits.ttl, known_for }).build();
+        let gates = Cache::builder().max_capacity(limits.capacity).time_to_idle(Duration::from_secs(60)).build();
+        let per_sec = limits.fresh_reads_per_sec;
+        SecretStore {
+            pool,
+            ttl: limits.ttl,
+            cache,
+            gates,
+            budget: RateLimiter::direct(Quota::per_second(per_sec).allow_burst(per_sec)),
+            reads: AtomicU64::new(0),
+            over_budget: AtomicU64::new(0),
+        }
     }
 
     /// Database reads so far (the cache's misses and re-checks).
     pub fn reads(&self) -> u64 {
-        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+        self.reads.load(Ordering::Relaxed)
     }
 
-    /// The cached answer if it is younger than the TTL, else a fresh one.
-    pub async fn get(&self, business: BusinessId, kind: Provider) -> Result<Lookup, sqlx::Error> {
-        let cached = self.cache.lock().get(&(business, kind)).cloned();
-        match cached {
-            Some((at, lookup)) if at.elapsed() < self.ttl => Ok(lookup),
-            _ => self.fresh(business, kind).await,
+    /// Reads refused so far because the budget was spent.
+    pub fn reads_over_budget(&self) -> u64 {
+        self.over_budget.load(Ordering::Relaxed)
+    }
+
+    /// Answers held now (after the cache's pending evictions are applied).
+    pub fn cached_answers(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+
+    /// The cached answer if it is younger than the TTL, else a fresh one (from the
+    /// budget unless the business is known to exist).
+    pub async fn get(&self, business: BusinessId, kind: Provider) -> Result<Lookup, LookupError> {
+        let key = (business, kind);
+        let cached = self.cache.get(&key);
+        if let Some(entry) = &cached
+            && entry.read_at.elapsed() < self.ttl
+        {
+            return Ok(entry.lookup.clone());
         }
+        let budgeted = !cached.is_some_and(|e| e.known());
+        self.read_once(key, budgeted, |entry| entry.read_at.elapsed() < self.ttl).await
     }
 
     /// An answer read from the database after this call began, so it sees every
     /// change committed before the request: either a read of its own, or one
-    /// that another request started while this one waited its turn.
-    pub async fn fresh(&self, business: BusinessId, kind: Provider) -> Result<Lookup, sqlx::Error> {
-        let key = (business, kind);
+    /// that another request started while this one waited its turn. A read of its
+    /// own needs a token from the budget.
+    pub async fn fresh(&self, business: BusinessId, kind: Provider) -> Result<Lookup, LookupError> {
         let asked = Instant::now();
-        let gate = self.gates.lock().entry(key).or_default().clone();
+        self.read_once((business, kind), true, |entry| entry.read_at >= asked).await
+    }
+
+    /// Waits for the key's turn, then takes an answer that `good_enough` accepts if
+    /// another read left one meanwhile, else reads.
+    async fn read_once(
+        &self,
+        key: Key,
+        budgeted: bool,
+        good_enough: impl Fn(&Entry) -> bool,
+    ) -> Result<Lookup, LookupError> {
+        let gate = self.gates.get_with(key, Default::default);
         let _turn = gate.lock().await;
-        if let Some((began, lookup)) = self.cache.lock().get(&key)
-            && *began >= asked
-        {
-            return Ok(lookup.clone());
+        if let Some(entry) = self.cache.get(&key).filter(&good_enough) {
+            return Ok(entry.lookup);
         }
-        let began = Instant::now();
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let lookup = self.read(business, kind).await?;
-        self.cache.lock().insert(key, (began, lookup.clone()));
+        if budgeted && self.budget.check().is_err() {
+            self.over_budget.fetch_add(1, Ordering::Relaxed);
+            return Err(LookupError::OverBudget);
+        }
+        let read_at = Instant::now();
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let lookup = self.read(key.0, key.1).await?;
+        self.cache.insert(key, Entry { read_at, lookup: lookup.clone() });
         Ok(lookup)
     }
 
