@@ -374,15 +374,15 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
     let n: u64 = number.parse().map_err(|_| format!("{raw:?} is not a duration like 250ms, 5s, 2m, 1h or 30d"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+    let seconds_per = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => return Err(format!("{raw:?} has an unknown unit (use ms, s, m, h or d)")),
     };
-    Ok(d)
+    n.checked_mul(seconds_per).map(Duration::from_secs).ok_or_else(|| format!("{raw:?} is too long a duration"))
 }
 
 pub fn fmt_duration(d: Duration) -> String {
@@ -473,5 +473,13 @@ mod tests {
         assert!(err.to_string().starts_with("invalid setting EVENT_RETENTION: \"a month\" is not a duration"), "{err}");
         let err = Config::from_vars(&vars(&[("EVENT_PRUNE_INTERVAL", "2h")])).unwrap_err();
         assert_eq!(err.to_string(), "invalid setting EVENT_PRUNE_INTERVAL: 2h is longer than the limit of 1h");
+    }
+
+    #[test]
+    fn durations_too_long_to_hold_are_refused_not_wrapped() {
+        for raw in ["5124095576030432h", "307445734561825861m", "18446744073709551616s", "213503982334602d"] {
+            assert!(parse_duration(raw).is_err(), "{raw}");
+        }
+        assert_eq!(parse_duration("18446744073709551615s").unwrap(), Duration::from_secs(u64::MAX));
     }
 }
