@@ -14,6 +14,8 @@ pub mod app;
 pub mod bus;
 pub mod config;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingress;
 pub mod ops;
 pub mod providers;
