@@ -701,6 +701,57 @@ mod tests {
         }
     }
 
+    /// The row a sequence of callbacks leaves, each written in turn (`COALESCE(new, old)`).
+    fn row_after(events: &[(CallStatus, i64, u32)]) -> (CallChange, CallState) {
+        let (mut state, mut row) = (CallState::default(), CallChange::default());
+        for (s, seq, t) in events {
+            let (change, next) = plan_status(&state, &event(*s, *seq), at(*t));
+            merge(&mut row, change);
+            state = next;
+        }
+        (row, state)
+    }
+
+    /// A call as Twilio reports it: non-final statuses with rising sequence numbers and
+    /// times, maybe one final status last, and some callbacks delivered twice.
+    fn a_call() -> impl proptest::strategy::Strategy<Value = Vec<(CallStatus, i64, u32)>> {
+        use CallStatus::*;
+        use proptest::prelude::*;
+        let steps = prop::sample::subsequence(vec![Queued, Initiated, Ringing, InProgress], 0..=4);
+        let end = prop::option::of(prop::sample::select(vec![Completed, Busy, NoAnswer, Failed, Canceled]));
+        (steps, end, prop::collection::vec(0u32..3, 5), prop::collection::vec(any::<prop::sample::Index>(), 0..3))
+            .prop_filter("a call has at least one callback", |(steps, end, _, _)| !steps.is_empty() || end.is_some())
+            .prop_map(|(steps, end, gaps, repeats)| {
+                let mut t = 0;
+                let mut events: Vec<_> = steps
+                    .into_iter()
+                    .chain(end)
+                    .enumerate()
+                    .map(|(i, s)| {
+                        t += gaps[i];
+                        (s, i as i64, t)
+                    })
+                    .collect();
+                let again: Vec<_> = repeats.iter().map(|r| events[r.index(events.len())]).collect();
+                events.extend(again);
+                events
+            })
+    }
+
+    fn a_call_and_a_shuffle()
+    -> impl proptest::strategy::Strategy<Value = (Vec<(CallStatus, i64, u32)>, Vec<(CallStatus, i64, u32)>)> {
+        use proptest::strategy::{Just, Strategy};
+        a_call().prop_flat_map(|c| (Just(c.clone()), Just(c).prop_shuffle()))
+    }
+
+    proptest::proptest! {
+        /// Any order of a call's callbacks, repeats included, ends in the same row.
+        #[test]
+        fn any_order_of_a_calls_callbacks_ends_in_the_same_row((call, shuffled) in a_call_and_a_shuffle()) {
+            proptest::prop_assert_eq!(row_after(&shuffled), row_after(&call));
+        }
+    }
+
     #[test]
     fn only_an_answered_leg_transfers_its_parent() {
         use CallStatus::*;
