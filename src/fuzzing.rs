@@ -9,12 +9,16 @@
 use crate::config::{fmt_duration, parse_duration};
 use crate::events::twilio::{self as twilio_events, Params};
 use crate::events::{Envelope, n8n, stripe as stripe_events};
-use crate::ingress::json_object;
+use crate::ingress::json_object_of as json_object;
+use crate::ingress::twilio::json_params;
 use crate::trace::TraceParent;
 use crate::verify::{standard_webhooks, stripe, twilio};
 
+/// A target: its name (the binary's, the corpus folder's) and its entry point.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target by name: the fuzz binaries and the corpus test both read this list.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("twilio_signature", twilio_signature),
     ("twilio_settings", twilio_settings),
     ("twilio_payload", twilio_payload),
@@ -86,9 +90,7 @@ pub fn twilio_payload(data: &[u8]) {
         twilio_params(&pairs);
     }
     if let Ok(object) = json_object(data) {
-        let pairs: Vec<(String, String)> =
-            object.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string))).collect();
-        twilio_params(&pairs);
+        twilio_params(&json_params(object));
     }
 }
 

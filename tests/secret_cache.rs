@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::TestApp;
 use micro8gents::events::BusinessId;
-use micro8gents::store::secrets::{IntegrationKind, Lookup, LookupError, SecretCacheLimits, SecretStore};
+use micro8gents::providers::Provider;
+use micro8gents::store::secrets::{Lookup, LookupError, SecretCacheLimits, SecretStore};
 
 const TOKEN: &str = "a-real-auth-token";
 
@@ -23,14 +24,14 @@ async fn a_flood_of_random_business_ids_costs_bounded_reads_and_memory_while_rea
         fresh_reads_per_sec: NonZeroU32::new(20).unwrap(),
     };
     let store = SecretStore::with_limits(app.pool.clone(), limits);
-    assert!(matches!(store.get(real, IntegrationKind::Twilio).await, Ok(Lookup::Secrets(_))));
+    assert!(matches!(store.get(real, Provider::Twilio).await, Ok(Lookup::Secrets(_))));
 
     let started = Instant::now();
     let (mut unknown, mut over_budget) = (0, 0);
     for round in 0..20 {
         // 200 ids never seen, at once, as a flood would send them.
         let ids = (0..200).map(|i| BusinessId(1_000_000 + round * 200 + i));
-        let answers = futures_util::future::join_all(ids.map(|b| store.get(b, IntegrationKind::Twilio))).await;
+        let answers = futures_util::future::join_all(ids.map(|b| store.get(b, Provider::Twilio))).await;
         for answer in answers {
             match answer {
                 Ok(Lookup::UnknownBusiness) => unknown += 1,
@@ -39,7 +40,7 @@ async fn a_flood_of_random_business_ids_costs_bounded_reads_and_memory_while_rea
             }
         }
         // The real business is answered all along, from the cache or by its free refresh.
-        let lookup = store.get(real, IntegrationKind::Twilio).await;
+        let lookup = store.get(real, Provider::Twilio).await;
         assert!(matches!(&lookup, Ok(Lookup::Secrets(s)) if s[0].expose() == TOKEN), "round {round}: {lookup:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -66,9 +67,9 @@ async fn an_unknown_id_is_remembered_and_a_business_created_a_moment_ago_works_w
     let last = app.business().await;
     let next = BusinessId(last + 1);
 
-    assert!(matches!(store.get(next, IntegrationKind::Twilio).await, Ok(Lookup::UnknownBusiness)));
+    assert!(matches!(store.get(next, Provider::Twilio).await, Ok(Lookup::UnknownBusiness)));
     let remembered_at = Instant::now();
-    assert!(matches!(store.get(next, IntegrationKind::Twilio).await, Ok(Lookup::UnknownBusiness)));
+    assert!(matches!(store.get(next, Provider::Twilio).await, Ok(Lookup::UnknownBusiness)));
     assert_eq!(store.reads(), 1, "the unknown id is remembered, not read again");
 
     // The dashboard creates the business a moment later; once the documented cache time
@@ -76,7 +77,7 @@ async fn an_unknown_id_is_remembered_and_a_business_created_a_moment_ago_works_w
     let created = app.twilio_business(TOKEN).await;
     assert_eq!(created, next.0);
     tokio::time::sleep_until((remembered_at + ttl).into()).await;
-    let lookup = store.get(next, IntegrationKind::Twilio).await;
+    let lookup = store.get(next, Provider::Twilio).await;
     assert!(matches!(&lookup, Ok(Lookup::Secrets(s)) if s[0].expose() == TOKEN), "{lookup:?}");
     assert_eq!(store.reads(), 2);
     app.stop().await;
@@ -92,10 +93,10 @@ async fn re_checks_after_a_mismatch_spend_the_budget_and_then_stop() {
         fresh_reads_per_sec: NonZeroU32::new(3).unwrap(),
     };
     let store = SecretStore::with_limits(app.pool.clone(), limits);
-    assert!(store.get(real, IntegrationKind::Twilio).await.is_ok());
+    assert!(store.get(real, Provider::Twilio).await.is_ok());
     let mut refused = 0;
     for _ in 0..50 {
-        match store.fresh(real, IntegrationKind::Twilio).await {
+        match store.fresh(real, Provider::Twilio).await {
             Ok(Lookup::Secrets(_)) => {}
             Err(LookupError::OverBudget) => refused += 1,
             other => panic!("{other:?}"),
@@ -105,6 +106,6 @@ async fn re_checks_after_a_mismatch_spend_the_budget_and_then_stop() {
     assert!(store.reads() <= 4, "{} reads", store.reads());
     assert!(refused >= 46, "{refused} re-checks refused");
     // A known business still gets its cached answer.
-    assert!(matches!(store.get(real, IntegrationKind::Twilio).await, Ok(Lookup::Secrets(_))));
+    assert!(matches!(store.get(real, Provider::Twilio).await, Ok(Lookup::Secrets(_))));
     app.stop().await;
 }

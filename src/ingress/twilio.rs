@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use tracing::debug;
 
-use super::{ApiError, Incoming, RawBody, Verified, json_object, verify_with_business_secrets};
+use std::sync::OnceLock;
+
+use super::{ApiError, Incoming, RawBody, json_object, verify_with_business_secrets};
 use crate::events::transcription as tr;
 use crate::events::twilio::{self as ev, Params};
 use crate::events::{BusinessId, Envelope, Event};
@@ -67,23 +69,30 @@ async fn receive(callback: Callback, incoming: Incoming, body: RawBody) -> Resul
         Form::Body
     };
 
-    let signed: Vec<(String, String)> = match form {
-        Form::Body => form_urlencoded::parse(body.signed_bytes()).into_owned().collect(),
-        Form::Query | Form::Json => Vec::new(),
-    };
+    // A signature missing or of the wrong form is refused before the business is looked up.
+    verify::check_signature_header(signature, alg)?;
+    // A form body is parsed (capped, names unique) only once the business and its keys
+    // are known, and once for both the cached and the fresh check.
+    let parsed = OnceLock::new();
     let body = verify_with_business_secrets(&incoming, body, |keys, bytes| {
         let keys = verify::signing_keys(settings, &keys.tokens(), &keys.shared_keys())?;
-        match form {
-            Form::Json => verify::verify_json(&keys, &url, bytes, signature, alg),
-            Form::Query | Form::Body => verify::verify_form(&keys, &url, &signed, signature, alg),
-        }
+        let signed = match form {
+            Form::Json => return Ok(verify::verify_json(&keys, &url, bytes, signature, alg)?),
+            Form::Query => &[][..],
+            Form::Body => parsed.get_or_init(|| verify::parse_form(bytes)).as_ref().map_err(form_refused)?,
+        };
+        Ok(verify::verify_form(&keys, &url, signed, signature, alg)?)
     })
     .await?;
 
     // Only now, with the signature good, are the query or a JSON body read.
     let params = match form {
-        Form::Body => signed,
-        Form::Json => json_params(&body)?,
+        Form::Body => match parsed.into_inner() {
+            Some(Ok(params)) => params,
+            Some(Err(e)) => return Err(form_refused(&e)),
+            None => return Err(ApiError::Malformed("the form was never read".into())),
+        },
+        Form::Json => json_params(json_object(&body)?),
         Form::Query => form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect(),
     };
     let Some((key, event)) = parse(callback, business, &params)? else {
@@ -127,9 +136,10 @@ fn parse(callback: Callback, b: BusinessId, params: &[(String, String)]) -> Resu
 }
 
 /// Twilio's JSON-body variant: a flat object whose values become the parameters.
-fn json_params(body: &Verified) -> Result<Vec<(String, String)>, ApiError> {
-    Ok(json_object(body)?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
-        .collect())
+pub(crate) fn json_params(object: serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
+    object.into_iter().map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_string))).collect()
+}
+
+fn form_refused(e: &verify::FormError) -> ApiError {
+    ApiError::Malformed(e.to_string())
 }

@@ -211,6 +211,12 @@ fn tag_matches(key: &[u8], msg: &[u8], tag: &[u8], alg: Algorithm) -> bool {
     }
 }
 
+/// Whether `X-Twilio-Signature` is present and a tag of the algorithm's length: checked
+/// before anything is looked up, so garbage costs no query.
+pub fn check_signature_header(signature: Option<&str>, alg: Algorithm) -> Result<(), VerifyError> {
+    decode_signature(signature, alg).map(|_| ())
+}
+
 /// Strict (canonical, padded) base64 makes "decode then compare bytes" accept exactly
 /// the strings the SDKs' string comparison accepts.
 fn decode_signature(signature: Option<&str>, alg: Algorithm) -> Result<Vec<u8>, VerifyError> {
