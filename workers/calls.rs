@@ -701,6 +701,8 @@ mod tests {
         }
     }
 
+    type Callbacks = Vec<(CallStatus, i64, u32)>;
+
     /// The row a sequence of callbacks leaves, each written in turn (`COALESCE(new, old)`).
     fn row_after(events: &[(CallStatus, i64, u32)]) -> (CallChange, CallState) {
         let (mut state, mut row) = (CallState::default(), CallChange::default());
@@ -714,7 +716,7 @@ mod tests {
 
     /// A call as Twilio reports it: non-final statuses with rising sequence numbers and
     /// times, maybe one final status last, and some callbacks delivered twice.
-    fn a_call() -> impl proptest::strategy::Strategy<Value = Vec<(CallStatus, i64, u32)>> {
+    fn a_call() -> impl proptest::strategy::Strategy<Value = Callbacks> {
         use CallStatus::*;
         use proptest::prelude::*;
         let steps = prop::sample::subsequence(vec![Queued, Initiated, Ringing, InProgress], 0..=4);
@@ -738,8 +740,7 @@ mod tests {
             })
     }
 
-    fn a_call_and_a_shuffle()
-    -> impl proptest::strategy::Strategy<Value = (Vec<(CallStatus, i64, u32)>, Vec<(CallStatus, i64, u32)>)> {
+    fn a_call_and_a_shuffle() -> impl proptest::strategy::Strategy<Value = (Callbacks, Callbacks)> {
         use proptest::strategy::{Just, Strategy};
         a_call().prop_flat_map(|c| (Just(c.clone()), Just(c).prop_shuffle()))
     }
