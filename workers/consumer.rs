@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use super::{Applier, WorkerContext, apply, settle};
 use crate::bus::{ATTEMPT_HEADER, BusError, header_int, header_str};
 use crate::events::Envelope;
+use crate::providers::Family;
 use crate::telemetry;
 use crate::trace::TRACEPARENT;
 
@@ -93,7 +94,7 @@ async fn consume<A: Applier>(ctx: &Arc<WorkerContext>, shutdown: &CancellationTo
                 break;
             }
         };
-        let item = Item::new(delivery);
+        let item = Item::new(delivery, A::FAMILY);
         let lane = lane_of(&item, lanes);
         if senders[lane].send(item).await.is_err() {
             break;
@@ -177,15 +178,36 @@ impl Item {
         std::str::from_utf8(&self.delivery.data).unwrap_or("{}")
     }
 
-    fn new(delivery: Delivery) -> Self {
+    fn new(delivery: Delivery, family: Family) -> Self {
         Item {
-            attempt: header_int(&delivery.properties, ATTEMPT_HEADER).unwrap_or(1),
+            attempt: attempt_of(header_int(&delivery.properties, ATTEMPT_HEADER)),
             traceparent: header_str(&delivery.properties, TRACEPARENT),
-            envelope: Envelope::from_json(&delivery.data),
+            envelope: Envelope::from_json(&delivery.data).and_then(|env| of_family(env, family)),
             delivery,
         }
     }
 }
+
+/// The try count a message carries, kept within 1..=[`MAX_ATTEMPT`]: whoever can
+/// publish can put any integer there, and the count is used in arithmetic.
+pub const MAX_ATTEMPT: i64 = 1_000_000;
+
+pub fn attempt_of(header: Option<i64>) -> i64 {
+    header.unwrap_or(1).clamp(1, MAX_ATTEMPT)
+}
+
+/// An envelope of another family on this queue is refused as undecodable (dead-lettered
+/// with the reason) before it could claim its inbox key here and be lost to its own family.
+fn of_family(env: Envelope, family: Family) -> Result<Envelope, String> {
+    let of = env.event.family();
+    if of == family {
+        Ok(env)
+    } else {
+        Err(format!("a {} event ({}) on the {} queue", of.as_str(), env.event.kind(), family.as_str()))
+    }
+}
+
+impl Item {}
 
 async fn process_batch<A: Applier>(
     ctx: &WorkerContext,
@@ -286,7 +308,19 @@ fn lock_key(item: &Item) -> (i32, &str, u8, i64) {
 
 #[cfg(test)]
 mod tests {
-    use super::AckState;
+    use super::{AckState, MAX_ATTEMPT, attempt_of};
+
+    #[test]
+    fn an_attempt_header_out_of_range_is_clamped_not_overflowed() {
+        assert_eq!(attempt_of(None), 1);
+        assert_eq!(attempt_of(Some(3)), 3);
+        for (raw, kept) in [(i64::MIN, 1), (-5, 1), (0, 1), (i64::MAX, MAX_ATTEMPT)] {
+            let attempt = attempt_of(Some(raw));
+            assert_eq!(attempt, kept, "{raw}");
+            // What settling does with it: the retry index and the next try.
+            assert!(usize::try_from(attempt - 1).is_ok() && attempt.checked_add(1).is_some());
+        }
+    }
 
     #[test]
     fn acks_wait_for_every_lower_tag_and_never_pass_a_gap() {

@@ -63,14 +63,14 @@ fn count(item: &Item, outcome: &Outcome) {
 
 async fn retry_or_park(ctx: &WorkerContext, family: Family, item: &Item, reason: &str) -> Result<(), BusError> {
     let delays = &ctx.topology.retry_delays;
-    let Some(delay) = usize::try_from(item.attempt - 1).ok().and_then(|i| delays.get(i)) else {
+    let Some(delay) = usize::try_from(item.attempt.saturating_sub(1)).ok().and_then(|i| delays.get(i)) else {
         let reason = format!("gave up after {} tries: {reason}", item.attempt);
         return park(ctx, family, item, &reason).await;
     };
     warn!(attempt = item.attempt, delay_ms = delay.as_millis() as u64, reason, "not applied; will retry");
     metrics::counter!(telemetry::EVENTS_RETRIED, "family" => family.as_str()).increment(1);
     let (exchange, key) = (ctx.topology.retry_exchange(), Topology::retry_routing_key(family, *delay));
-    ctx.publisher.publish(&republish(item, &exchange, &key, item.attempt + 1, reason)).await
+    ctx.publisher.publish(&republish(item, &exchange, &key, item.attempt.saturating_add(1), reason)).await
 }
 
 async fn park(ctx: &WorkerContext, family: Family, item: &Item, reason: &str) -> Result<(), BusError> {
