@@ -12,8 +12,9 @@ use tracing::{info, warn};
 use crate::bus::durable::Durable;
 use crate::bus::{Broker, Publisher, Topology};
 use crate::config::Config;
-use crate::ingress::{AppState, operational_router, router};
-use crate::store::{self, secrets::SecretStore};
+use crate::ingress::{AppState, Gauges, operational_router, router};
+use crate::serve::ServeLimits;
+use crate::store::{self, secrets::SecretCacheLimits, secrets::SecretStore};
 use crate::workers::{self, WorkerContext};
 
 /// Which parts of the service this process runs.
@@ -111,20 +112,26 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
         }
         let state = Arc::new(AppState {
             durable,
-            secrets: SecretStore::new(pool.clone(), cfg.secret_cache_ttl),
+            secrets: SecretStore::with_limits(
+                pool.clone(),
+                SecretCacheLimits {
+                    ttl: cfg.secret_cache_ttl,
+                    capacity: cfg.secret_cache_capacity,
+                    fresh_reads_per_sec: cfg.secret_fresh_reads_per_sec,
+                },
+            ),
+            gauges: Gauges::new(cfg.metrics_gauge_refresh),
             broker: broker.clone(),
             pool: pool.clone(),
             topology,
             cfg: cfg.clone(),
         });
         let app = if role.serves() { router(state) } else { operational_router(state) };
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let server = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned());
-            if let Err(e) = server.await {
-                warn!(error = %e, "{what} stopped");
-            }
-        }));
+        let limits = ServeLimits {
+            header_read_timeout: cfg.header_read_timeout,
+            max_requests_in_flight: cfg.max_requests_in_flight,
+        };
+        tasks.push(tokio::spawn(crate::serve::serve(listener, app, limits, shutdown.clone())));
     }
     Ok(Running { addr, shutdown, tasks, broker, grace: cfg.shutdown_grace })
 }

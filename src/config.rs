@@ -94,6 +94,18 @@ pub struct Config {
     pub body_limit_bytes: usize,
     pub publish_timeout: Duration,
     pub secret_cache_ttl: Duration,
+    /// The most (business, provider) answers the secret cache keeps.
+    pub secret_cache_capacity: u64,
+    /// Secret reads a second for ids not known to exist and re-checks after a mismatch.
+    pub secret_fresh_reads_per_sec: std::num::NonZeroU32,
+    /// A connection must finish a request's headers within this; also closes idle keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// A request's body must have arrived within this (408 otherwise).
+    pub body_read_timeout: Duration,
+    /// Requests handled at once; one more is answered 503 with Retry-After.
+    pub max_requests_in_flight: usize,
+    /// How long `/metrics` reuses the dead-letter depths and outbox gauges it read (0: every scrape).
+    pub metrics_gauge_refresh: Duration,
     pub db_max_connections: u32,
     pub db_acquire_timeout: Duration,
     pub db_statement_timeout: Duration,
@@ -166,6 +178,15 @@ impl Config {
             body_limit_bytes: env.body_limit("BODY_LIMIT_BYTES", 1024 * 1024)?,
             publish_timeout: env.duration("PUBLISH_TIMEOUT", "5s")?,
             secret_cache_ttl: env.duration("SECRET_CACHE_TTL", "2s")?,
+            secret_cache_capacity: env.positive("SECRET_CACHE_CAPACITY", 10_000)?,
+            secret_fresh_reads_per_sec: env
+                .positive::<u32>("SECRET_FRESH_READS_PER_SEC", 50)?
+                .try_into()
+                .map_err(|_| bad("SECRET_FRESH_READS_PER_SEC", "must be above zero".into()))?,
+            header_read_timeout: env.positive_duration("HEADER_READ_TIMEOUT", "5s")?,
+            body_read_timeout: env.positive_duration("BODY_READ_TIMEOUT", "10s")?,
+            max_requests_in_flight: env.positive("MAX_REQUESTS_IN_FLIGHT", 128)?,
+            metrics_gauge_refresh: env.duration("METRICS_GAUGE_REFRESH", "5s")?,
             db_max_connections: env.positive("DATABASE_MAX_CONNECTIONS", 16)?,
             db_acquire_timeout: env.duration("DATABASE_ACQUIRE_TIMEOUT", "5s")?,
             db_statement_timeout: env.duration("DATABASE_STATEMENT_TIMEOUT", "10s")?,
@@ -204,6 +225,12 @@ impl Config {
             ("BODY_LIMIT_BYTES", self.body_limit_bytes.to_string()),
             ("PUBLISH_TIMEOUT", fmt_duration(self.publish_timeout)),
             ("SECRET_CACHE_TTL", fmt_duration(self.secret_cache_ttl)),
+            ("SECRET_CACHE_CAPACITY", self.secret_cache_capacity.to_string()),
+            ("SECRET_FRESH_READS_PER_SEC", self.secret_fresh_reads_per_sec.to_string()),
+            ("HEADER_READ_TIMEOUT", fmt_duration(self.header_read_timeout)),
+            ("BODY_READ_TIMEOUT", fmt_duration(self.body_read_timeout)),
+            ("MAX_REQUESTS_IN_FLIGHT", self.max_requests_in_flight.to_string()),
+            ("METRICS_GAUGE_REFRESH", fmt_duration(self.metrics_gauge_refresh)),
             ("DATABASE_MAX_CONNECTIONS", self.db_max_connections.to_string()),
             ("DATABASE_ACQUIRE_TIMEOUT", fmt_duration(self.db_acquire_timeout)),
             ("DATABASE_STATEMENT_TIMEOUT", fmt_duration(self.db_statement_timeout)),
@@ -346,6 +373,14 @@ impl Env<'_> {
         parse_duration(raw).map_err(|p| bad(name, p))
     }
 
+    fn positive_duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let d = self.duration(name, default)?;
+        if d.is_zero() {
+            return Err(bad(name, "must be above zero".into()));
+        }
+        Ok(d)
+    }
+
     fn duration_list(&self, name: &'static str, default: &str) -> Result<Vec<Duration>, ConfigError> {
         let raw = self.get(name).unwrap_or(default);
         let delays = raw.split(',').map(|d| parse_duration(d.trim())).collect::<Result<Vec<_>, _>>();
@@ -425,6 +460,12 @@ mod tests {
             ("AMQP_URL", "http://x"),
             ("LOG_FORMAT", "xml"),
             ("METRICS_ADDR", "9100"),
+            ("HEADER_READ_TIMEOUT", "0s"),
+            ("BODY_READ_TIMEOUT", "soon"),
+            ("MAX_REQUESTS_IN_FLIGHT", "0"),
+            ("SECRET_CACHE_CAPACITY", "-1"),
+            ("SECRET_FRESH_READS_PER_SEC", "0"),
+            ("METRICS_GAUGE_REFRESH", "5x"),
         ] {
             let err = Config::from_vars(&vars(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name);

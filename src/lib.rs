@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod ingress;
 pub mod ops;
 pub mod providers;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod trace;

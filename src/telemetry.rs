@@ -33,6 +33,12 @@ pub const DLQ_DEPTH: &str = "micro8gents_dlq_messages";
 pub const POOL_CONNECTIONS: &str = "micro8gents_db_pool_connections";
 pub const OUTBOX_DEPTH: &str = "micro8gents_outbox_messages";
 pub const OUTBOX_OLDEST_AGE: &str = "micro8gents_outbox_oldest_age_seconds";
+pub const REQUESTS_SHED: &str = "micro8gents_http_requests_shed_total";
+pub const BODY_TIMEOUTS: &str = "micro8gents_http_body_timeouts_total";
+pub const SECRET_READS: &str = "micro8gents_secret_reads_total";
+pub const SECRET_READS_OVER_BUDGET: &str = "micro8gents_secret_reads_over_budget_total";
+pub const GAUGE_READS: &str = "micro8gents_metrics_gauge_reads_total";
+pub const SIGNATURE_MACS: &str = "micro8gents_signature_macs_total";
 
 /// Seconds: from a fast confirm (1 ms) to the publish timeout and beyond.
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -91,6 +97,28 @@ fn describe() {
     );
     describe_counter!(EVENTS_RETRIED, "Events sent to a delay queue to be tried again later.");
     describe_counter!(EVENTS_DEAD_LETTERED, "Events parked in a dead-letter queue.");
+    describe_counter!(
+        REQUESTS_SHED,
+        "Requests answered 503 at once because MAX_REQUESTS_IN_FLIGHT were being handled."
+    );
+    describe_counter!(
+        BODY_TIMEOUTS,
+        "Requests answered 408 because their body did not arrive within BODY_READ_TIMEOUT."
+    );
+    describe_counter!(SECRET_READS, "Database reads of per-business secrets (cache misses and re-checks).");
+    describe_counter!(
+        SECRET_READS_OVER_BUDGET,
+        "Secret reads refused because SECRET_FRESH_READS_PER_SEC was spent (unknown ids, re-checks)."
+    );
+    describe_counter!(
+        GAUGE_READS,
+        "Times /metrics read the dead-letter depths and the outbox (at most once per METRICS_GAUGE_REFRESH)."
+    );
+}
+
+/// Counts a request refused because too many were in flight.
+pub fn shed() {
+    metrics::counter!(REQUESTS_SHED).increment(1);
 }
 
 /// Counts an accepted webhook (confirmed by the broker, or kept in the outbox).
@@ -120,6 +148,8 @@ pub struct Snapshot {
     /// The worker schema's tables: size, rows and oldest entry, already in the
     /// text format (`store::retention::storage_gauges`).
     pub storage: Option<String>,
+    /// MACs computed by this process's signature checks so far.
+    pub macs: u64,
 }
 
 /// The whole text for one scrape: what was recorded, then the snapshot's gauges.
@@ -155,5 +185,11 @@ pub fn render(snapshot: &Snapshot) -> String {
     if let Some(storage) = &snapshot.storage {
         out.push_str(storage);
     }
+    let _ = writeln!(
+        out,
+        "# HELP {SIGNATURE_MACS} MACs computed to check signatures: the work a request costs, refused or not."
+    );
+    let _ = writeln!(out, "# TYPE {SIGNATURE_MACS} counter");
+    let _ = writeln!(out, "{SIGNATURE_MACS} {}", snapshot.macs);
     out
 }

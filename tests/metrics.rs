@@ -127,7 +127,11 @@ async fn traffic_moves_the_counters() {
 
 #[tokio::test]
 async fn the_outbox_gauges_show_its_depth_and_oldest_age() {
-    let app = TestApp::spawn().await;
+    // Every scrape reads the outbox afresh (the default shares a read for 5 s).
+    let app = TestApp::spawn_with(|v| {
+        v.insert("METRICS_GAUGE_REFRESH".into(), "0s".into());
+    })
+    .await;
     // A fresh database has an empty outbox.
     let scrape = Scrape::take(&app).await;
     assert_eq!(scrape.sum("micro8gents_outbox_messages", &[]), 0.0);
@@ -167,5 +171,23 @@ async fn a_work_process_serves_its_metrics_and_health_on_metrics_addr_only() {
     let worker = micro8gents::app::start(app.cfg.clone(), micro8gents::app::Role::Work).await.unwrap();
     assert!(worker.addr.is_none());
     worker.stop().await;
+    app.stop().await;
+}
+
+/// `/metrics` is on the public listener: a flood of scrapes shares one read of the
+/// broker's dead-letter depths and the outbox per METRICS_GAUGE_REFRESH, instead of
+/// opening an AMQP channel and counting the outbox each time.
+#[tokio::test]
+async fn a_flood_of_scrapes_reads_the_broker_and_the_outbox_once_per_refresh() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("METRICS_GAUGE_REFRESH".into(), "1h".into());
+    })
+    .await;
+    let scrapes = (0..50)
+        .map(|_| async { app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap() });
+    let texts = futures_util::future::join_all(scrapes).await;
+    assert!(texts.iter().all(|t| t.contains("micro8gents_dlq_messages")));
+    let last = Scrape::take(&app).await;
+    assert_eq!(last.sum("micro8gents_metrics_gauge_reads_total", &[]), 1.0);
     app.stop().await;
 }

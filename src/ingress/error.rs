@@ -21,6 +21,8 @@ pub enum ApiError {
     Signature(#[from] VerifyError),
     #[error("the body is larger than the {0}-byte limit")]
     TooLarge(usize),
+    #[error("the body did not arrive within {0} s")]
+    BodyTimeout(f64),
     #[error("{0}")]
     Malformed(String),
     #[error("{0}")]
@@ -40,6 +42,7 @@ impl ApiError {
             }
             ApiError::Signature(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::NoActiveIntegration(_) => "no_active_integration",
             ApiError::Signature(e) => e.code(),
             ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::BodyTimeout(_) => "request_timeout",
             ApiError::Malformed(_) => "malformed_body",
             ApiError::Invalid(_) => "invalid_field",
             ApiError::Unavailable(_) => "unavailable",
@@ -70,6 +74,7 @@ impl ApiError {
             ApiError::Signature(VerifyError::NoSharedKey) => "no_shared_key",
             ApiError::Signature(_) => "signature",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::BodyTimeout(_) => "timeout",
             ApiError::Malformed(_) | ApiError::Invalid(_) => "validation",
             ApiError::Unavailable(_) => "unavailable",
         }

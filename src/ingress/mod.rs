@@ -6,6 +6,7 @@
 //! only through a signature check; parsers take `&Verified`.
 
 pub mod error;
+pub mod gauges;
 pub mod n8n;
 pub mod stripe;
 pub mod twilio;
@@ -35,6 +36,7 @@ use crate::telemetry;
 use crate::trace::{TRACEPARENT, TraceParent};
 use crate::verify::VerifyError;
 pub use error::ApiError;
+pub use gauges::Gauges;
 pub use verified::{Unverified, Verified};
 
 pub struct AppState {
@@ -45,6 +47,8 @@ pub struct AppState {
     pub durable: Durable,
     pub topology: Topology,
     pub secrets: SecretStore,
+    /// What `/metrics` reads from the broker and the outbox, shared between scrapes.
+    pub gauges: Gauges,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -197,8 +201,19 @@ pub struct RawBody(Body);
 
 impl RawBody {
     /// Reads the whole body under the size limit; it is usable only once verified.
+    /// The body must have arrived within `BODY_READ_TIMEOUT` (408 otherwise), so a
+    /// client trickling it holds neither a slot nor a buffer for long.
     pub async fn read(self, incoming: &Incoming) -> Result<Unverified, ApiError> {
-        read_body(self.0, &incoming.headers, incoming.state.cfg.body_limit_bytes).await.map(Unverified::new)
+        let cfg = &incoming.state.cfg;
+        match tokio::time::timeout(cfg.body_read_timeout, read_body(self.0, &incoming.headers, cfg.body_limit_bytes))
+            .await
+        {
+            Ok(read) => read.map(Unverified::new),
+            Err(_) => {
+                metrics::counter!(telemetry::BODY_TIMEOUTS).increment(1);
+                Err(ApiError::BodyTimeout(cfg.body_read_timeout.as_secs_f64()))
+            }
+        }
     }
 }
 
@@ -299,20 +314,9 @@ async fn openapi() -> Response {
 }
 
 async fn metrics(State(state): State<SharedState>) -> Response {
-    // A scrape never waits longer than a second for the broker or Postgres.
-    let limit = Duration::from_secs(1);
-    let (dlq, outbox, storage) = tokio::join!(
-        tokio::time::timeout(limit, state.broker.dead_letter_depths(&state.topology)),
-        tokio::time::timeout(limit, crate::bus::outbox::depth(&state.pool)),
-        tokio::time::timeout(limit, crate::store::retention::storage_gauges(&state.pool)),
-    );
+    let (dlq, outbox, storage) = state.gauges.read(&state).await;
     let pool = (state.pool.size(), u32::try_from(state.pool.num_idle()).unwrap_or(u32::MAX));
-    let snapshot = telemetry::Snapshot {
-        dlq: dlq.ok().and_then(Result::ok),
-        pool: Some(pool),
-        outbox: outbox.ok().and_then(Result::ok),
-        storage: storage.ok().and_then(Result::ok),
-    };
+    let snapshot = telemetry::Snapshot { dlq, pool: Some(pool), outbox, storage, macs: crate::verify::macs_computed() };
     let text = telemetry::render(&snapshot);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -28,6 +28,7 @@ use tracing::warn;
 use crate::config::Secret;
 use crate::events::BusinessId;
 use crate::providers::Provider;
+use crate::telemetry;
 
 /// What the database says about a business's integration of one kind.
 #[derive(Debug, Clone)]
@@ -258,10 +259,12 @@ impl SecretStore {
         }
         if budgeted && self.budget.check().is_err() {
             self.over_budget.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::SECRET_READS_OVER_BUDGET).increment(1);
             return Err(LookupError::OverBudget);
         }
         let read_at = Instant::now();
         self.reads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::SECRET_READS).increment(1);
         let lookup = self.read(key.0, key.1).await?;
         self.cache.insert(key, Entry { read_at, lookup: lookup.clone() });
         Ok(lookup)
