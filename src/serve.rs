@@ -1,5 +1,5 @@
 //! The HTTP server under the router, with the bounds a public listener needs
-//! (docs/adr/0011-hostile-input.md):
+//! (docs/adr/0012-hostile-input.md):
 //! - a connection must finish a request's headers within `HEADER_READ_TIMEOUT`,
 //!   which also closes a keep-alive connection left idle that long (hyper's
 //!   header timer runs from the moment it waits for a request's first byte);

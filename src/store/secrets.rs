@@ -7,7 +7,7 @@
 //! working within `ttl` (see docs/adr/0004-secret-cache.md).
 //!
 //! Anyone can name any business id, so what an id the database doesn't know may
-//! cost is bounded (docs/adr/0011-hostile-input.md): the cache is a bounded `moka`
+//! cost is bounded (docs/adr/0012-hostile-input.md): the cache is a bounded `moka`
 //! cache whose frequency-based admission keeps real businesses in when a flood of
 //! one-off ids passes through; unknown ids are remembered (for `ttl`) like known
 //! ones; and a read that is not the periodic refresh of a business known to exist
