@@ -185,7 +185,7 @@ impl Config {
                 .map_err(|_| bad("SECRET_FRESH_READS_PER_SEC", "must be above zero".into()))?,
             header_read_timeout: env.positive_duration("HEADER_READ_TIMEOUT", "5s")?,
             body_read_timeout: env.positive_duration("BODY_READ_TIMEOUT", "10s")?,
-            max_requests_in_flight: env.positive("MAX_REQUESTS_IN_FLIGHT", 128)?,
+            max_requests_in_flight: env.positive("MAX_REQUESTS_IN_FLIGHT", 512)?,
             metrics_gauge_refresh: env.duration("METRICS_GAUGE_REFRESH", "5s")?,
             db_max_connections: env.positive("DATABASE_MAX_CONNECTIONS", 16)?,
             db_acquire_timeout: env.duration("DATABASE_ACQUIRE_TIMEOUT", "5s")?,
