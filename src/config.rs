@@ -104,7 +104,7 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// Requests handled at once; one more is answered 503 with Retry-After.
     pub max_requests_in_flight: usize,
-    /// How long `/metrics` reuses the dead-letter depths and outbox gauges it read (0: every scrape).
+    /// How long `/metrics` reuses the dead-letter depths, outbox and storage gauges it read (0: every scrape).
     pub metrics_gauge_refresh: Duration,
     pub db_max_connections: u32,
     pub db_acquire_timeout: Duration,
@@ -371,14 +371,6 @@ impl Env<'_> {
     fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
         let raw = self.get(name).unwrap_or(default);
         parse_duration(raw).map_err(|p| bad(name, p))
-    }
-
-    fn positive_duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
-        let d = self.duration(name, default)?;
-        if d.is_zero() {
-            return Err(bad(name, "must be above zero".into()));
-        }
-        Ok(d)
     }
 
     fn duration_list(&self, name: &'static str, default: &str) -> Result<Vec<Duration>, ConfigError> {

@@ -112,7 +112,7 @@ fn describe() {
     );
     describe_counter!(
         GAUGE_READS,
-        "Times /metrics read the dead-letter depths and the outbox (at most once per METRICS_GAUGE_REFRESH)."
+        "Times /metrics read the dead-letter depths, the outbox and the tables' sizes (at most once per METRICS_GAUGE_REFRESH)."
     );
 }
 

@@ -186,7 +186,7 @@ async fn a_flood_of_scrapes_reads_the_broker_and_the_outbox_once_per_refresh() {
     let scrapes = (0..50)
         .map(|_| async { app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap() });
     let texts = futures_util::future::join_all(scrapes).await;
-    assert!(texts.iter().all(|t| t.contains("micro8gents_dlq_messages")));
+    assert!(texts.iter().all(|t| t.contains("micro8gents_dlq_messages") && t.contains("micro8gents_table_bytes")));
     let last = Scrape::take(&app).await;
     assert_eq!(last.sum("micro8gents_metrics_gauge_reads_total", &[]), 1.0);
     app.stop().await;
