@@ -196,11 +196,13 @@ async fn next_dead_letter(app: &TestApp, family: Family) -> (String, Vec<u8>) {
 }
 
 async fn inbox_has(app: &TestApp, key: &str) -> bool {
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox WHERE event_key = $1")
-        .bind(key)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM webhook_worker.inbox_keys WHERE key_hash = webhook_worker.event_key_hash($1)",
+    )
+    .bind(key)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     n > 0
 }
 
