@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo build --release --bin micro8gents --example bench
-//! target/release/examples/bench                        # 20,000 calls: 120,000 Twilio events + bookings + Stripe
+//! target/release/examples/bench                        # 20,000 calls: 360,000 Twilio events + bookings + Stripe
 //! target/release/examples/bench --rate 1000 --calls 2000   # hold 1,000 req/s, report p99 there
 //! target/release/examples/bench --serve 2 --work 2     # child processes of target/release/micro8gents
 //! ```
@@ -44,6 +44,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use micro8gents::app::{self, Role, Running};
 use micro8gents::bus::Topology;
 use micro8gents::config::{Config, DEFAULT_AMQP_URL};
+use micro8gents::events::transcription as tr;
 use micro8gents::events::twilio::{self as tw, Params};
 use micro8gents::events::{BusinessId, Envelope, Event};
 use micro8gents::store;
@@ -59,9 +60,14 @@ const N8N_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Benchmark of the whole webhook path, with the machine's ceilings measured in the same run")]
 struct Args {
-    /// Twilio calls; each is four status callbacks, one recording and one transcription.
+    /// Twilio calls; each is four status callbacks, the Real-Time Transcription session
+    /// (see --segments), one recording and one `<Record transcribe>` transcription.
     #[arg(long, default_value_t = 20_000)]
     calls: usize,
+    /// Final Real-Time Transcription segments per call, sent during the call between
+    /// `transcription-started` and `transcription-stopped` (0: no Real-Time session).
+    #[arg(long, default_value_t = 10)]
+    segments: usize,
     /// n8n booking pushes (one booking each).
     #[arg(long, default_value_t = 2_000)]
     bookings: usize,
@@ -72,7 +78,7 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     businesses: usize,
     /// The order requests are sent in: `realistic` (hundreds of calls in progress at once, a
-    /// call's callbacks 100 or more requests apart, in order) or `back-to-back` (a call's six
+    /// call's callbacks 100 or more requests apart, in order) or `back-to-back` (a call's
     /// callbacks one after another, the order of the first benchmarks).
     #[arg(long, value_enum, default_value_t = Order::Realistic)]
     order: Order,
@@ -142,6 +148,8 @@ struct Expect {
     businesses: Vec<i32>,
     users: Vec<i32>,
     calls: usize,
+    /// The text every call's `calls.transcript` must hold at the end.
+    transcript: String,
     bookings: usize,
     events: usize,
 }
@@ -200,9 +208,11 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
 
     let (expect, requests) = workload(args, &pool).await?;
     println!(
-        "workload: {} requests = {} calls x 6 Twilio + {} n8n bookings + {} Stripe users x 3; {} businesses",
+        "workload: {} requests = {} calls x {} Twilio ({} Real-Time segments a call) + {} n8n bookings + {} Stripe users x 3; {} businesses",
         requests.len(),
         args.calls,
+        call_params(0, args.segments).len(),
+        args.segments,
         args.bookings,
         args.stripe_users,
         args.businesses
@@ -223,7 +233,7 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
             r.max()
         ));
         println!("{}", ceilings.last().unwrap());
-        let size = mean_envelope_size();
+        let size = mean_envelope_size(args.segments);
         let n = if args.ceiling_messages > 0 { args.ceiling_messages } else { expect.events };
         let rate = broker_ceiling(prefix, n, size).await?;
         ceilings.push(format!(
@@ -466,11 +476,12 @@ async fn workload(args: &Args, pool: &PgPool) -> anyhow::Result<(Expect, Vec<Req
 
     // Each request gets a position in [0, 1); the workload is sent in that order.
     let mut slotted: Vec<(f64, Req)> = Vec::new();
-    let total = (args.calls * 6 + args.bookings + args.stripe_users * 3).max(1);
-    let schedule = CallSchedule::new(args.order, args.calls, total);
+    let per_call = call_params(0, args.segments).len();
+    let total = (args.calls * per_call + args.bookings + args.stripe_users * 3).max(1);
+    let schedule = CallSchedule::new(args.order, args.calls, args.segments, total);
     for i in 0..args.calls {
         let b = businesses[i % businesses.len()];
-        for (req, at) in call_requests(i, b).into_iter().zip(schedule.positions(i)) {
+        for (req, at) in call_requests(i, b, args.segments).into_iter().zip(schedule.positions(i)) {
             slotted.push((at, req));
         }
     }
@@ -487,22 +498,34 @@ async fn workload(args: &Args, pool: &PgPool) -> anyhow::Result<(Expect, Vec<Req
     }
     slotted.sort_by(|a, b| a.0.total_cmp(&b.0));
     let requests: Vec<Req> = slotted.into_iter().map(|(_, r)| r).collect();
-    let expect = Expect { businesses, users, calls: args.calls, bookings: args.bookings, events: requests.len() };
+    let expect = Expect {
+        businesses,
+        users,
+        calls: args.calls,
+        transcript: expected_transcript(args.segments),
+        bookings: args.bookings,
+        events: requests.len(),
+    };
     Ok((expect, requests))
 }
 
-/// Where a call's six callbacks sit in the run (positions in [0, 1)).
+/// Where a call's callbacks sit in the run (positions in [0, 1)), in the order of
+/// [`call_params`].
 ///
-/// Back to back: call `i`'s callbacks take slots `6i .. 6i+5`. Realistic: calls
+/// Back to back: call `i`'s `k` callbacks take slots `ki .. ki+k-1`. Realistic: calls
 /// start evenly over the run and each callback follows the one before it after
 /// a gap counted in requests of the whole workload: ringing 100–200 after
 /// initiated, answered 100–400 later, completed 200–1,500 later (the
 /// conversation), the recording 100–300 after the end and the transcription
 /// 300–1,200 after that. So at any moment a few hundred calls of every business
 /// are in progress and a worker batch almost never holds two events of one call.
+/// The Real-Time Transcription session (started, the segments, stopped) is
+/// spread evenly over the conversation, between answered and completed.
 struct CallSchedule {
     order: Order,
     calls: usize,
+    /// Real-Time Transcription events per call (0, or the segments and their started and stopped).
+    realtime: usize,
     /// One request's share of the run, scaled down if a call's span would not fit.
     unit: f64,
     /// The share of the run in which calls start (the rest is the last calls' tail).
@@ -513,25 +536,33 @@ struct CallSchedule {
 const CALL_GAPS: [(u64, u64); 6] = [(0, 0), (100, 200), (100, 400), (200, 1_500), (100, 300), (300, 1_200)];
 
 impl CallSchedule {
-    fn new(order: Order, calls: usize, total_requests: usize) -> Self {
+    fn new(order: Order, calls: usize, segments: usize, total_requests: usize) -> Self {
         let longest: u64 = CALL_GAPS.iter().map(|(_, hi)| hi).sum();
         let unit = (1.0 / total_requests as f64).min(0.5 / longest as f64);
-        CallSchedule { order, calls: calls.max(1), unit, starts: 1.0 - unit * longest as f64 }
+        let realtime = if segments == 0 { 0 } else { segments + 2 };
+        CallSchedule { order, calls: calls.max(1), realtime, unit, starts: 1.0 - unit * longest as f64 }
     }
 
     fn positions(&self, i: usize) -> Vec<f64> {
+        let k = CALL_GAPS.len() + self.realtime;
         match self.order {
-            Order::BackToBack => (0..6).map(|j| (i * 6 + j) as f64 / (self.calls * 6) as f64).collect(),
+            Order::BackToBack => (0..k).map(|j| (i * k + j) as f64 / (self.calls * k) as f64).collect(),
             Order::Realistic => {
                 let mut rng = SplitMix(i as u64);
                 let mut at = self.starts * i as f64 / self.calls as f64;
-                CALL_GAPS
+                let mut main: Vec<f64> = CALL_GAPS
                     .iter()
                     .map(|(lo, hi)| {
                         at += (lo + rng.next() % (hi - lo + 1)) as f64 * self.unit;
                         at
                     })
-                    .collect()
+                    .collect();
+                // The session's events between answered (2) and completed (3), evenly apart.
+                let (answered, completed) = (main[2], main[3]);
+                let step = (completed - answered) / (self.realtime + 1) as f64;
+                let session = (1..=self.realtime).map(|j| answered + step * j as f64);
+                main.splice(3..3, session);
+                main
             }
         }
     }
@@ -563,7 +594,35 @@ fn token(business: i32) -> String {
     format!("bench-auth-token-{business:08}")
 }
 
-fn call_params(i: usize) -> Vec<Vec<(String, String)>> {
+/// What a caller and the receptionist say, one final Real-Time segment each, in turn.
+const SEGMENT_TEXTS: [&str; 4] = [
+    "Hi, I would like to book a cleaning next Tuesday afternoon.",
+    "Of course, we have three thirty or four fifteen on Tuesday.",
+    "Three thirty works, the name is Jane Doe.",
+    "You are booked for Tuesday at three thirty, see you then.",
+];
+
+/// Segment `j` (from 0): its track and its text; the caller speaks first.
+fn segment(j: usize) -> (&'static str, &'static str, String) {
+    let (track, label) = if j.is_multiple_of(2) { ("inbound_track", "Customer") } else { ("outbound_track", "Agent") };
+    (track, label, format!("{} ({})", SEGMENT_TEXTS[j % SEGMENT_TEXTS.len()], j + 1))
+}
+
+/// The transcript a call ends with: the Real-Time one (a higher source than
+/// `<Record transcribe>`, which arrives after it) when there are segments.
+fn expected_transcript(segments: usize) -> String {
+    if segments == 0 {
+        return RECORD_TRANSCRIPT.to_string();
+    }
+    (0..segments).map(segment).map(|(_, label, text)| format!("{label}: {text}")).collect::<Vec<_>>().join("\n")
+}
+
+const RECORD_TRANSCRIPT: &str = "Hi, I would like to book a cleaning next Tuesday afternoon if you have a slot.";
+
+/// A call's callbacks, each with its endpoint, in the order Twilio sends them:
+/// initiated, ringing, in-progress, the Real-Time session (started, `segments`
+/// final segments, stopped; none if 0), completed, recording, transcription.
+fn call_params(i: usize, segments: usize) -> Vec<(&'static str, Vec<(String, String)>)> {
     let sid = format!("CA{i:032x}");
     let status = |s: &str, seq: usize| {
         let mut p = vec![
@@ -583,40 +642,80 @@ fn call_params(i: usize) -> Vec<Vec<(String, String)>> {
         }
         owned(p)
     };
-    vec![
-        status("initiated", 0),
-        status("ringing", 1),
-        status("in-progress", 2),
-        status("completed", 3),
-        owned(vec![
-            ("AccountSid", "AC00000000000000000000000000000000".into()),
+    let gt = format!("GT{i:032x}");
+    let session = segments + 2;
+    let realtime = |seq: usize, event: &str| {
+        // During the conversation, between in-progress (12:00:20) and completed (12:00:30).
+        let ms = 20_000 + 10_000 * seq / (session + 1);
+        let mut p = vec![
+            ("AccountSid", "AC00000000000000000000000000000000".to_string()),
             ("CallSid", sid.clone()),
-            ("RecordingSid", format!("RE{i:032x}")),
-            ("RecordingStatus", "completed".into()),
-            ("RecordingUrl", format!("https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/RE{i:032x}")),
-            ("RecordingDuration", "120".into()),
-        ]),
-        owned(vec![
-            ("AccountSid", "AC00000000000000000000000000000000".into()),
-            ("CallSid", sid.clone()),
-            ("TranscriptionSid", format!("TR{i:032x}")),
-            ("TranscriptionStatus", "completed".into()),
-            (
-                "TranscriptionText",
-                "Hi, I would like to book a cleaning next Tuesday afternoon if you have a slot.".into(),
-            ),
-        ]),
-    ]
+            ("TranscriptionSid", gt.clone()),
+            ("SequenceId", seq.to_string()),
+            ("Timestamp", format!("2025-11-25T12:00:{:02}.{:03}000Z", ms / 1000, ms % 1000)),
+            ("TranscriptionEvent", event.to_string()),
+        ];
+        match event {
+            "transcription-started" => p.extend([
+                ("Track", "both_tracks".to_string()),
+                ("LanguageCode", "en-US".into()),
+                ("TranscriptionEngine", "google".into()),
+                ("PartialResults", "false".into()),
+            ]),
+            "transcription-content" => {
+                let (track, _, text) = segment(seq - 2);
+                p.extend([
+                    ("Track", track.to_string()),
+                    ("Final", "true".into()),
+                    ("LanguageCode", "en-US".into()),
+                    ("TranscriptionData", json!({"transcript": text, "confidence": 0.97}).to_string()),
+                ]);
+            }
+            _ => {}
+        }
+        ("transcription", owned(p))
+    };
+    let mut all = vec![
+        ("call-status", status("initiated", 0)),
+        ("call-status", status("ringing", 1)),
+        ("call-status", status("in-progress", 2)),
+    ];
+    if segments > 0 {
+        all.push(realtime(1, "transcription-started"));
+        all.extend((2..segments + 2).map(|seq| realtime(seq, "transcription-content")));
+        all.push(realtime(segments + 2, "transcription-stopped"));
+    }
+    all.extend([
+        ("call-status", status("completed", 3)),
+        (
+            "recording",
+            owned(vec![
+                ("AccountSid", "AC00000000000000000000000000000000".into()),
+                ("CallSid", sid.clone()),
+                ("RecordingSid", format!("RE{i:032x}")),
+                ("RecordingStatus", "completed".into()),
+                ("RecordingUrl", format!("https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/RE{i:032x}")),
+                ("RecordingDuration", "120".into()),
+            ]),
+        ),
+        (
+            "transcription",
+            owned(vec![
+                ("AccountSid", "AC00000000000000000000000000000000".into()),
+                ("CallSid", sid.clone()),
+                ("TranscriptionSid", format!("TR{i:032x}")),
+                ("TranscriptionStatus", "completed".into()),
+                ("TranscriptionText", RECORD_TRANSCRIPT.into()),
+            ]),
+        ),
+    ]);
+    all
 }
 
-const CALL_ENDPOINTS: [&str; 6] =
-    ["call-status", "call-status", "call-status", "call-status", "recording", "transcription"];
-
-fn call_requests(i: usize, business: i32) -> Vec<Req> {
-    call_params(i)
+fn call_requests(i: usize, business: i32, segments: usize) -> Vec<Req> {
+    call_params(i, segments)
         .into_iter()
-        .zip(CALL_ENDPOINTS)
-        .map(|(params, endpoint)| {
+        .map(|(endpoint, params)| {
             let path = format!("/webhooks/twilio/{business}/{endpoint}");
             let sig =
                 compute_signature(&token(business), &format!("{PUBLIC_BASE_URL}{path}"), &params, Algorithm::HmacSha1);
@@ -721,15 +820,14 @@ fn owned(p: Vec<(&str, String)>) -> Vec<(String, String)> {
     p.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-/// The mean size of the envelopes a call's six callbacks become: the broker ceiling's message size.
-fn mean_envelope_size() -> usize {
+/// The mean size of the envelopes a call's callbacks become: the broker ceiling's message size.
+fn mean_envelope_size(segments: usize) -> usize {
     let b = BusinessId(1);
-    let sizes: Vec<usize> = call_params(0)
+    let sizes: Vec<usize> = call_params(0, segments)
         .iter()
-        .zip(CALL_ENDPOINTS)
-        .map(|(params, endpoint)| {
+        .map(|(endpoint, params)| {
             let p = Params(params);
-            let (key, event) = match endpoint {
+            let (key, event) = match *endpoint {
                 "call-status" => {
                     let e = tw::parse_call_status(&p).expect("valid");
                     (tw::call_status_key(b, &e), Event::TwilioCallStatus(e))
@@ -737,6 +835,10 @@ fn mean_envelope_size() -> usize {
                 "recording" => {
                     let e = tw::parse_recording(&p).expect("valid");
                     (tw::recording_key(b, &e), Event::TwilioRecording(e))
+                }
+                _ if tr::is_realtime(params) => {
+                    let e = tr::parse_realtime(params).expect("valid");
+                    (tr::realtime_key(b, &e), Event::TwilioRealtime(e))
                 }
                 _ => {
                     let e = tw::parse_transcription(&p).expect("valid");
@@ -1100,11 +1202,12 @@ async fn check_rows(pool: &PgPool, e: &Expect) -> anyhow::Result<Check> {
     // A call is complete when its one row has every callback's effect.
     let (rows, complete): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE status = 'completed' AND duration = '2:05' AND end_time IS NOT NULL
-                 AND recording LIKE 'https://api.twilio.com/%' AND transcript IS NOT NULL
+                 AND recording LIKE 'https://api.twilio.com/%' AND transcript = $2
                  AND phone = '+14155552671' AND caller = 'Jane Doe')
            FROM calls WHERE business_id = ANY($1)",
     )
     .bind(&e.businesses)
+    .bind(&e.transcript)
     .fetch_one(pool)
     .await?;
     let mapped: i64 = sqlx::query_scalar(
