@@ -17,6 +17,7 @@ pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ingress;
+pub mod notify;
 pub mod ops;
 pub mod providers;
 pub mod serve;
