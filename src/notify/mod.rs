@@ -7,4 +7,10 @@
 
 pub mod classify;
 pub mod client;
+pub mod consumer;
+pub mod deliver;
 pub mod guard;
+pub mod notice;
+pub mod queue;
+pub mod record;
+pub mod relay;
