@@ -13,6 +13,10 @@ use crate::bus::durable::Durable;
 use crate::bus::{Broker, Publisher, Topology};
 use crate::config::Config;
 use crate::ingress::{AppState, Gauges, operational_router, router};
+use crate::notify::client::Deliverer;
+use crate::notify::consumer::NoticeConsumer;
+use crate::notify::queue::NoticeQueues;
+use crate::notify::relay::NoticeRelay;
 use crate::serve::ServeLimits;
 use crate::store::{self, secrets::SecretCacheLimits, secrets::SecretStore};
 use crate::workers::{self, WorkerContext};
@@ -73,6 +77,36 @@ impl Running {
     }
 }
 
+/// The notice relay and the notices consumer of a `work` (or `run`) process.
+fn notices(
+    cfg: &Config,
+    pool: &sqlx::PgPool,
+    broker: &Arc<Broker>,
+    topology: &Topology,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let queues = NoticeQueues::new(topology, &cfg.notify_retry_delays);
+    let publisher = Arc::new(Publisher::new(broker.clone(), cfg.publish_timeout));
+    let deliverer = Deliverer::new(cfg.notify_timeout, cfg.notify_allow_private_networks)
+        .map_err(|e| anyhow::anyhow!("cannot build the notices HTTP client: {e}"))?;
+    let relay = NoticeRelay {
+        pool: pool.clone(),
+        broker: broker.clone(),
+        publisher: publisher.clone(),
+        queues: queues.clone(),
+    };
+    let consumer = Arc::new(NoticeConsumer {
+        pool: pool.clone(),
+        broker: broker.clone(),
+        publisher,
+        deliverer: Arc::new(deliverer),
+        queues,
+        delays: cfg.notify_retry_delays.clone(),
+        timeout: cfg.notify_timeout,
+    });
+    Ok(vec![tokio::spawn(relay.run(shutdown.clone())), tokio::spawn(consumer.run(shutdown.clone()))])
+}
+
 pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
     crate::telemetry::install();
     let pool = store::pool(&cfg, &format!("micro8gents-{}", role.name()))?;
@@ -94,6 +128,7 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
         tasks.push(tokio::spawn(workers::run(ctx, shutdown.clone())));
         let (retention, every) = (cfg.event_retention, cfg.event_prune_interval);
         tasks.push(tokio::spawn(store::retention::maintain(pool.clone(), retention, every, shutdown.clone())));
+        tasks.extend(notices(&cfg, &pool, &broker, &topology, &shutdown)?);
     }
     // The ingress serves everything on LISTEN_ADDR; a `work` process serves its
     // health and metrics on METRICS_ADDR if one is set (several may share a host).

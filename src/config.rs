@@ -132,6 +132,12 @@ pub struct Config {
     pub twilio_intelligence_url: String,
     /// Connect + answer time allowed per request to Twilio's API.
     pub twilio_api_timeout: Duration,
+    /// Waits between the tries of a notice to a business's n8n; one try more than delays.
+    pub notify_retry_delays: Vec<Duration>,
+    /// Connect and total time allowed per notice try.
+    pub notify_timeout: Duration,
+    /// Lets notices go to loopback and private addresses (self-hosted n8n; tests).
+    pub notify_allow_private_networks: bool,
 }
 
 /// A PEM file of CA certificates, read and checked at start.
@@ -203,7 +209,13 @@ impl Config {
             twilio_api_url: env.base_url("TWILIO_API_URL", "https://api.twilio.com")?,
             twilio_intelligence_url: env.base_url("TWILIO_INTELLIGENCE_URL", "https://intelligence.twilio.com")?,
             twilio_api_timeout: env.duration("TWILIO_API_TIMEOUT", "10s")?,
+            notify_retry_delays: env.duration_list("NOTIFY_RETRY_DELAYS", "5s,30s,2m,10m,1h,6h")?,
+            notify_timeout: env.duration("NOTIFY_TIMEOUT", "10s")?,
+            notify_allow_private_networks: env.boolean("NOTIFY_ALLOW_PRIVATE_NETWORKS", false)?,
         };
+        if cfg.notify_timeout.is_zero() {
+            return Err(bad("NOTIFY_TIMEOUT", "must be above zero".into()));
+        }
         Ok(cfg)
     }
 
@@ -247,6 +259,12 @@ impl Config {
             ("TWILIO_API_URL", self.twilio_api_url.clone()),
             ("TWILIO_INTELLIGENCE_URL", self.twilio_intelligence_url.clone()),
             ("TWILIO_API_TIMEOUT", fmt_duration(self.twilio_api_timeout)),
+            (
+                "NOTIFY_RETRY_DELAYS",
+                self.notify_retry_delays.iter().map(|d| fmt_duration(*d)).collect::<Vec<_>>().join(","),
+            ),
+            ("NOTIFY_TIMEOUT", fmt_duration(self.notify_timeout)),
+            ("NOTIFY_ALLOW_PRIVATE_NETWORKS", self.notify_allow_private_networks.to_string()),
         ]
     }
 }
@@ -383,6 +401,15 @@ impl Env<'_> {
         Ok(delays)
     }
 
+    fn boolean(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(str::to_ascii_lowercase).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(_) => Err(bad(name, "is neither true nor false".into())),
+        }
+    }
+
     fn log_format(&self, name: &'static str) -> Result<bool, ConfigError> {
         match self.get(name).unwrap_or("text") {
             "json" => Ok(true),
@@ -458,6 +485,10 @@ mod tests {
             ("SECRET_CACHE_CAPACITY", "-1"),
             ("SECRET_FRESH_READS_PER_SEC", "0"),
             ("METRICS_GAUGE_REFRESH", "5x"),
+            ("NOTIFY_RETRY_DELAYS", "5s,,1h"),
+            ("NOTIFY_TIMEOUT", "0s"),
+            ("NOTIFY_TIMEOUT", "ten"),
+            ("NOTIFY_ALLOW_PRIVATE_NETWORKS", "maybe"),
         ] {
             let err = Config::from_vars(&vars(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name);

@@ -39,6 +39,14 @@ pub const SECRET_READS: &str = "micro8gents_secret_reads_total";
 pub const SECRET_READS_OVER_BUDGET: &str = "micro8gents_secret_reads_over_budget_total";
 pub const GAUGE_READS: &str = "micro8gents_metrics_gauge_reads_total";
 pub const SIGNATURE_MACS: &str = "micro8gents_signature_macs_total";
+pub const NOTICES_SENT: &str = "micro8gents_notices_sent_total";
+pub const NOTICES_RETRIED: &str = "micro8gents_notices_retried_total";
+pub const NOTICES_PARKED: &str = "micro8gents_notices_parked_total";
+pub const NOTICES_SKIPPED: &str = "micro8gents_notices_skipped_total";
+pub const NOTICES_REFUSED: &str = "micro8gents_notices_refused_total";
+pub const NOTICES_DEFERRED: &str = "micro8gents_notices_deferred_total";
+pub const NOTICES_UNSENT: &str = "micro8gents_notices_unsent";
+pub const NOTICES_OLDEST_UNSENT: &str = "micro8gents_notices_oldest_unsent_age_seconds";
 
 /// Seconds: from a fast confirm (1 ms) to the publish timeout and beyond.
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -112,8 +120,14 @@ fn describe() {
     );
     describe_counter!(
         GAUGE_READS,
-        "Times /metrics read the dead-letter depths, the outbox and the tables' sizes (at most once per METRICS_GAUGE_REFRESH)."
+        "Times /metrics read the dead-letter depths, the outbox, the tables' sizes and the unsent notices (at most once per METRICS_GAUGE_REFRESH)."
     );
+    describe_counter!(NOTICES_SENT, "Notices delivered to a business's n8n (a 2xx answer), by kind.");
+    describe_counter!(NOTICES_RETRIED, "Notice tries that failed and were queued to be tried again, by kind.");
+    describe_counter!(NOTICES_PARKED, "Notices parked in the notices dead-letter queue, by kind and reason.");
+    describe_counter!(NOTICES_SKIPPED, "Notices not sent because notices were turned off after they were decided.");
+    describe_counter!(NOTICES_REFUSED, "Notices whose notify_url is an address the SSRF guard refuses.");
+    describe_counter!(NOTICES_DEFERRED, "Notice messages put back because their receiver had its share in flight.");
 }
 
 /// Counts a request refused because too many were in flight.
@@ -150,6 +164,10 @@ pub struct Snapshot {
     pub storage: Option<String>,
     /// MACs computed by this process's signature checks so far.
     pub macs: u64,
+    /// Notices neither delivered nor parked yet, and the age of the oldest in seconds.
+    pub notices_unsent: Option<(i64, f64)>,
+    /// The notices' dead-letter queue depth.
+    pub notices_dlq: Option<u32>,
 }
 
 /// The whole text for one scrape: what was recorded, then the snapshot's gauges.
@@ -165,6 +183,9 @@ pub fn render(snapshot: &Snapshot) -> String {
         let _ = writeln!(out, "# TYPE {DLQ_DEPTH} gauge");
         for (family, n) in depths {
             let _ = writeln!(out, "{DLQ_DEPTH}{{family=\"{}\"}} {n}", family.as_str());
+        }
+        if let Some(n) = snapshot.notices_dlq {
+            let _ = writeln!(out, "{DLQ_DEPTH}{{family=\"notices\"}} {n}");
         }
     }
     if let Some((size, idle)) = snapshot.pool {
@@ -191,5 +212,16 @@ pub fn render(snapshot: &Snapshot) -> String {
     );
     let _ = writeln!(out, "# TYPE {SIGNATURE_MACS} counter");
     let _ = writeln!(out, "{SIGNATURE_MACS} {}", snapshot.macs);
+    if let Some((unsent, age)) = snapshot.notices_unsent {
+        let _ = writeln!(
+            out,
+            "# HELP {NOTICES_UNSENT} Notices to businesses' n8n decided but neither delivered nor parked."
+        );
+        let _ = writeln!(out, "# TYPE {NOTICES_UNSENT} gauge");
+        let _ = writeln!(out, "{NOTICES_UNSENT} {unsent}");
+        let _ = writeln!(out, "# HELP {NOTICES_OLDEST_UNSENT} Age of the oldest unsent notice (0 when none).");
+        let _ = writeln!(out, "# TYPE {NOTICES_OLDEST_UNSENT} gauge");
+        let _ = writeln!(out, "{NOTICES_OLDEST_UNSENT} {age}");
+    }
     out
 }

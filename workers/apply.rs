@@ -65,6 +65,7 @@ async fn apply_in_one_transaction<A: Applier>(ctx: &WorkerContext, items: &[Item
     }
     writes.flush(&mut tx).await?;
     tx.commit().await?;
+    crate::notify::relay::wake_if_pending();
     Ok(outcomes)
 }
 
@@ -82,6 +83,7 @@ async fn apply_one_by_one<A: Applier>(ctx: &WorkerContext, items: &[Item]) -> Re
         let outcome = match applied {
             Ok(o) => {
                 tx.commit().await?;
+                crate::notify::relay::wake_if_pending();
                 o
             }
             Err(ApplyError::Refused(reason)) => {

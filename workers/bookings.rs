@@ -18,6 +18,7 @@ use super::{Applier, ApplyError, Outcome, Refusal, Report};
 use crate::events::BusinessId;
 use crate::events::n8n::BookingEvent;
 use crate::events::{Envelope, Event, Family};
+use crate::notify::record::{Change, record as record_notice};
 
 /// Counts applied pushes whose booking falls outside opening hours (served on `/metrics`).
 pub const OUTSIDE_HOURS_METRIC: &str = "micro8gents_bookings_outside_hours_total";
@@ -112,6 +113,10 @@ pub async fn apply_booking(
         Opening::Open | Opening::NotConfigured => None,
     };
     let booking_id = write_booking(tx, business, e, plan, closed.as_deref()).await?;
+    if let Some(reason) = &closed {
+        let push_id = e.webhook_id.as_str();
+        record_notice(tx, business, Change::BookingOutsideHours { booking_id, push_id, reason }).await?;
+    }
     Ok(match closed {
         Some(reason) => {
             Outcome::Flagged(Box::new(OutsideHours { booking_id, business, date: e.booking.date.to_rfc3339(), reason }))

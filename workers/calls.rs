@@ -14,6 +14,7 @@ use super::{Applier, ApplyError, Outcome};
 use crate::events::BusinessId;
 use crate::events::twilio::{CallStatus, CallStatusEvent, RecordingEvent, TranscriptionEvent};
 use crate::events::{Envelope, Event, Family};
+use crate::notify::record::{Change, record as record_notice};
 
 /// What the worker knows of one call, read under a row lock.
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
@@ -374,6 +375,13 @@ impl CallWrites {
         if !pending.is_empty() {
             write_calls(tx, &pending).await?;
         }
+        for c in pending.iter().filter(|c| !c.happened.is_empty()) {
+            let call_id = match c.locked.call_id {
+                Some(id) => Some(id),
+                None => created_call_id(tx, c).await?,
+            };
+            notify_changes(tx, c, call_id).await?;
+        }
         Ok(())
     }
 }
@@ -391,6 +399,42 @@ pub fn call_of(event: &Event) -> Option<&str> {
         Event::TwilioRecording(e) => (e.url.is_some() && e.status == "completed").then_some(e.call_sid.as_str()),
         _ => None,
     }
+}
+
+/// The `public.calls` id the batch's write gave a call that had none.
+async fn created_call_id(tx: &mut PgConnection, c: &PendingCall) -> Result<Option<i32>, sqlx::Error> {
+    sqlx::query_scalar("SELECT call_id FROM webhook_worker.twilio_calls WHERE business_id = $1 AND call_sid = $2")
+        .bind(c.business.0)
+        .bind(&c.call_sid)
+        .fetch_optional(&mut *tx)
+        .await
+        .map(Option::flatten)
+}
+
+/// The notices a call's write causes, decided in the same transaction
+/// (CONTRACT.md section 5): `call.ended` when its own final status is first
+/// applied; `call.transcript_ready` when a transcript is stored from
+/// `<Record transcribe>` or Intelligence, or a Real-Time session with text
+/// stops while the real-time transcript is the one stored. Each once per call
+/// and source (the notice's change key).
+async fn notify_changes(tx: &mut PgConnection, c: &PendingCall, call_id: Option<i32>) -> Result<(), sqlx::Error> {
+    let Some(call_id) = call_id else { return Ok(()) };
+    for h in &c.happened {
+        let change = match h {
+            Happened::BecameFinal => Change::CallEnded { call_id },
+            Happened::TranscriptStored(source @ (Source::Record | Source::Intelligence)) => {
+                Change::TranscriptReady { call_id, source: source.as_str() }
+            }
+            Happened::RealtimeSessionStopped { with_text: true }
+                if c.state.transcript_source() == Some(Source::Realtime) =>
+            {
+                Change::TranscriptReady { call_id, source: Source::Realtime.as_str() }
+            }
+            _ => continue,
+        };
+        record_notice(tx, c.business, change).await?;
+    }
+    Ok(())
 }
 
 /// `later` applied after `into`: each column a later event sets replaces the earlier value.
@@ -484,7 +528,7 @@ async fn lock_calls(
 async fn write_calls(tx: &mut PgConnection, calls: &[PendingCall]) -> Result<(), sqlx::Error> {
     if let [c] = calls {
         // One call (a quiet moment): the plain statement is cheaper to plan.
-        return write_call(tx, c.business, &c.call_sid, &c.locked, &c.change, &c.state).await;
+        return write_call(tx, c.business, &c.call_sid, &c.locked, &c.change, &c.state).await.map(|_| ());
     }
     let col = |f: fn(&PendingCall) -> Option<&str>| calls.iter().map(f).collect::<Vec<_>>();
     sqlx::query(
@@ -552,7 +596,7 @@ async fn write_call(
     state: &CallState,
     c: &CallChange,
     next: &CallState,
-) -> Result<(), sqlx::Error> {
+) -> Result<Option<i32>, sqlx::Error> {
     let sql = if state.call_id.is_none() {
         "WITH c AS (
             INSERT INTO public.calls (business_id, status, start_time, end_time, duration, phone, caller, recording, transcript)
@@ -562,7 +606,8 @@ async fn write_call(
          UPDATE webhook_worker.twilio_calls m
             SET call_id = c.id, last_sequence = $12, reached_final = $13, transferred = $14, first_event_at = $15,
                 transcript_source = $16
-           FROM c WHERE m.business_id = $1 AND m.call_sid = $2"
+           FROM c WHERE m.business_id = $1 AND m.call_sid = $2
+         RETURNING m.call_id"
     } else {
         "WITH c AS (
             UPDATE public.calls SET
@@ -579,9 +624,10 @@ async fn write_call(
          UPDATE webhook_worker.twilio_calls m
             SET last_sequence = $12, reached_final = $13, transferred = $14, first_event_at = $15,
                 transcript_source = $16
-          WHERE m.business_id = $1 AND m.call_sid = $2"
+          WHERE m.business_id = $1 AND m.call_sid = $2
+         RETURNING m.call_id"
     };
-    sqlx::query(sql)
+    sqlx::query_scalar::<_, Option<i32>>(sql)
         .bind(business.0)
         .bind(call_sid)
         .bind(state.call_id)
@@ -598,9 +644,9 @@ async fn write_call(
         .bind(next.transferred)
         .bind(next.first_event_at)
         .bind(next.transcript_source.as_deref())
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
+        .fetch_optional(&mut *tx)
+        .await
+        .map(Option::flatten)
 }
 
 #[cfg(test)]

@@ -314,9 +314,17 @@ async fn openapi() -> Response {
 }
 
 async fn metrics(State(state): State<SharedState>) -> Response {
-    let (dlq, outbox, storage) = state.gauges.read(&state).await;
+    let read = state.gauges.read(&state).await;
     let pool = (state.pool.size(), u32::try_from(state.pool.num_idle()).unwrap_or(u32::MAX));
-    let snapshot = telemetry::Snapshot { dlq, pool: Some(pool), outbox, storage, macs: crate::verify::macs_computed() };
+    let snapshot = telemetry::Snapshot {
+        dlq: read.dlq,
+        pool: Some(pool),
+        outbox: read.outbox,
+        storage: read.storage,
+        macs: crate::verify::macs_computed(),
+        notices_unsent: read.notices_unsent,
+        notices_dlq: read.notices_dlq,
+    };
     let text = telemetry::render(&snapshot);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -29,6 +29,9 @@ use super::deliver::{Claim, Claimed, Settle, attempt, claim, receiver, record, r
 use super::notice::{NoticeMessage, webhook_id};
 use super::queue::{NoticeQueues, ROUTING_KEY};
 use crate::bus::{ATTEMPT_HEADER, Broker, BusError, Outgoing, Publisher, header_int};
+use crate::telemetry::{
+    NOTICES_DEFERRED, NOTICES_PARKED, NOTICES_REFUSED, NOTICES_RETRIED, NOTICES_SENT, NOTICES_SKIPPED,
+};
 
 /// Posts to one receiver at the same time.
 pub const IN_FLIGHT_PER_RECEIVER: usize = 4;
@@ -36,25 +39,6 @@ pub const IN_FLIGHT_PER_RECEIVER: usize = 4;
 pub const HELD_PER_RECEIVER: usize = 16;
 /// Unacknowledged notice messages per consumer.
 const PREFETCH: u16 = 256;
-
-pub const SENT: &str = "micro8gents_notices_sent_total";
-pub const RETRIED: &str = "micro8gents_notices_retried_total";
-pub const PARKED: &str = "micro8gents_notices_parked_total";
-pub const SKIPPED: &str = "micro8gents_notices_skipped_total";
-pub const REFUSED: &str = "micro8gents_notices_refused_total";
-pub const DEFERRED: &str = "micro8gents_notices_deferred_total";
-pub const UNSENT: &str = "micro8gents_notices_unsent";
-pub const OLDEST_UNSENT: &str = "micro8gents_notices_oldest_unsent_age_seconds";
-
-pub fn describe_metrics() {
-    use metrics::describe_counter;
-    describe_counter!(SENT, "Notices delivered to a business's n8n (a 2xx answer), by kind.");
-    describe_counter!(RETRIED, "Notice tries that failed and were queued to be tried again, by kind.");
-    describe_counter!(PARKED, "Notices parked in the notices dead-letter queue, by kind and reason.");
-    describe_counter!(SKIPPED, "Notices not sent because notices were turned off after they were decided.");
-    describe_counter!(REFUSED, "Notices whose notify_url resolved to an address the SSRF guard refuses.");
-    describe_counter!(DEFERRED, "Notice messages put back because their receiver had its share in flight.");
-}
 
 pub struct NoticeConsumer {
     pub pool: PgPool,
@@ -142,7 +126,7 @@ impl NoticeConsumer {
             Ok(m) => m,
             Err(reason) => {
                 warn!(%reason, "notice message parked");
-                metrics::counter!(PARKED, "kind" => "unknown", "reason" => "undecodable").increment(1);
+                metrics::counter!(NOTICES_PARKED, "kind" => "unknown", "reason" => "undecodable").increment(1);
                 let attempt = header_int(&delivery.properties, ATTEMPT_HEADER).unwrap_or(1);
                 return Ok(self.park_raw(&delivery.data, "unknown", attempt, &reason).await?);
             }
@@ -160,7 +144,7 @@ impl NoticeConsumer {
         async {
             let Some(slot) = limiter.enter(&receiver(&c)) else {
                 release(&self.pool, c.id).await?;
-                metrics::counter!(DEFERRED).increment(1);
+                metrics::counter!(NOTICES_DEFERRED).increment(1);
                 return Ok(self.defer(c.id, "its receiver is busy").await?);
             };
             let _permit = slot.acquire().await;
@@ -180,16 +164,16 @@ impl NoticeConsumer {
         match settle {
             Settle::Delivered => {
                 info!(tries, "notice delivered");
-                metrics::counter!(SENT, "kind" => kind).increment(1);
+                metrics::counter!(NOTICES_SENT, "kind" => kind).increment(1);
             }
             Settle::Skipped(why) => {
                 info!(reason = %why, "notice skipped");
-                metrics::counter!(SKIPPED, "kind" => kind).increment(1);
+                metrics::counter!(NOTICES_SKIPPED, "kind" => kind).increment(1);
             }
             Settle::Retry { after, reason } => {
                 let delay = self.queues.delay_for(*after);
                 info!(tries, %reason, retry_in = ?delay, "notice not delivered; will retry");
-                metrics::counter!(RETRIED, "kind" => kind).increment(1);
+                metrics::counter!(NOTICES_RETRIED, "kind" => kind).increment(1);
                 self.publish_retry(c.id, &c.kind, delay, tries + 1, reason).await?;
             }
             Settle::Parked(why) | Settle::Misconfigured(why) | Settle::Refused(why) | Settle::Gone(why) => {
@@ -202,9 +186,9 @@ impl NoticeConsumer {
                 };
                 warn!(tries, reason = %why, "notice parked");
                 if class == "refused" {
-                    metrics::counter!(REFUSED).increment(1);
+                    metrics::counter!(NOTICES_REFUSED).increment(1);
                 }
-                metrics::counter!(PARKED, "kind" => kind.clone(), "reason" => class).increment(1);
+                metrics::counter!(NOTICES_PARKED, "kind" => kind.clone(), "reason" => class).increment(1);
                 let body = NoticeMessage { parked: true, ..NoticeMessage::new(c.id) }.to_json();
                 self.park_raw(&body, &kind, tries, why).await?;
             }

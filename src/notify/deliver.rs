@@ -218,6 +218,16 @@ pub async fn record(pool: &PgPool, c: &Claimed, s: &Settle) -> Result<(), sqlx::
     tx.commit().await
 }
 
+/// Notices neither delivered nor parked, and the age of the oldest in seconds (for the metrics).
+pub async fn unsent(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0)
+           FROM webhook_worker.notices WHERE settled_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// Lets a claim go without a try (the receiver was busy): the notice is taken again later.
 pub async fn release(pool: &PgPool, id: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE webhook_worker.notices SET claimed_until = NULL WHERE id = $1 AND settled_at IS NULL")

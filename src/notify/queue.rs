@@ -13,7 +13,7 @@ use lapin::Channel;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::bus::Topology;
+use crate::bus::{Broker, BusError, Topology};
 
 pub const ROUTING_KEY: &str = "notices";
 
@@ -61,6 +61,15 @@ impl NoticeQueues {
     pub fn delay_for(&self, after: Duration) -> Duration {
         let longest = self.delays.iter().max().copied().unwrap_or(after);
         self.delays.iter().copied().filter(|d| *d >= after).min().unwrap_or(longest)
+    }
+
+    /// Messages parked in `{p}.notices.dead` (a passive declare: creates nothing).
+    pub async fn dead_depth(&self, broker: &Broker) -> Result<u32, BusError> {
+        let ch = broker.channel().await?;
+        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = ch.queue_declare(self.dead_queue().as_str().into(), opts, FieldTable::default()).await;
+        let _ = ch.close(200, "scraped".into()).await;
+        Ok(q?.message_count())
     }
 
     /// Declares the queues and bindings (the exchanges are the event topology's).

@@ -8,6 +8,7 @@
 
 pub mod dashboard;
 pub mod proxy;
+pub mod receiver;
 pub mod tls;
 pub mod twilio_api;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 use micro8gents::app::{self, Role, Running};
 use micro8gents::bus::Topology;
 use micro8gents::config::{Config, DEFAULT_AMQP_URL};
+use micro8gents::notify::queue::NoticeQueues;
 use micro8gents::store;
 use micro8gents::verify::twilio::{Algorithm, compute_signature};
 use proxy::Proxy;
@@ -131,6 +133,8 @@ impl TestApp {
             ("LISTEN_ADDR", "127.0.0.1:0".into()),
             ("PUBLIC_BASE_URL", PUBLIC_BASE_URL.into()),
             ("RETRY_DELAYS", "100ms,200ms".into()),
+            ("NOTIFY_RETRY_DELAYS", "100ms,200ms".into()),
+            ("NOTIFY_TIMEOUT", "2s".into()),
             ("BATCH_WAIT", "2ms".into()),
             ("SHUTDOWN_GRACE", "5s".into()),
         ]
@@ -200,6 +204,17 @@ impl TestApp {
         let q = ch.queue_declare(queue.as_str().into(), opts, Default::default()).await.unwrap();
         conn.close(200, "bye".into()).await.ok();
         q.message_count()
+    }
+
+    pub fn notice_queues(&self) -> NoticeQueues {
+        NoticeQueues::new(&self.topology(), &self.cfg.notify_retry_delays)
+    }
+
+    /// Every queue of the test: the event families' and the notices'.
+    fn queue_names(&self) -> Vec<String> {
+        let mut names = self.topology().all_queues();
+        names.extend(self.notice_queues().all_queues());
+        names
     }
 
     /// Inserts a user and their business; returns the business id.
@@ -339,7 +354,7 @@ impl TestApp {
     pub async fn stop(mut self) {
         self.stop_service().await;
         self.pool.close().await;
-        cleanup(&self.db_name, &self.topology()).await;
+        cleanup(&self.db_name, &self.queue_names(), &self.topology()).await;
         self.db_name.clear();
     }
 }
@@ -351,10 +366,10 @@ impl Drop for TestApp {
             running.shutdown.cancel();
         }
         if !self.db_name.is_empty() {
-            let (db, topo) = (self.db_name.clone(), self.topology());
+            let (db, queues, topo) = (self.db_name.clone(), self.queue_names(), self.topology());
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(cleanup(&db, &topo));
+                rt.block_on(cleanup(&db, &queues, &topo));
             })
             .join()
             .ok();
@@ -362,10 +377,10 @@ impl Drop for TestApp {
     }
 }
 
-async fn cleanup(db_name: &str, topo: &Topology) {
+async fn cleanup(db_name: &str, queues: &[String], topo: &Topology) {
     if let Ok(conn) = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
-            for q in topo.all_queues() {
+            for q in queues {
                 let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
             }
             for x in topo.all_exchanges() {

@@ -1,0 +1,395 @@
+//! Notices to a business's n8n (CONTRACT.md section 5) through the real stack:
+//! Twilio callbacks and n8n pushes in at the ingress, RabbitMQ, the worker,
+//! Postgres, and out to a local receiver that checks every signature with its
+//! own implementation of Standard Webhooks.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestApp;
+use common::receiver::{Received, Receiver, Reply};
+use micro8gents::verify::standard_webhooks::{Secret, sign};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A test service that may post to the local receiver.
+async fn spawn() -> TestApp {
+    TestApp::spawn_with(|v| {
+        v.insert("NOTIFY_ALLOW_PRIVATE_NETWORKS".into(), "true".into());
+    })
+    .await
+}
+
+/// A business with Twilio and an n8n integration whose notices go to `notify_url`.
+async fn business(app: &TestApp, notify_url: &str, events: Option<Value>) -> (i32, i32) {
+    let b = app.twilio_business(TOKEN).await;
+    let mut config = json!({"webhook_secret": SECRET, "notify_url": notify_url});
+    if let Some(e) = events {
+        config["notify_events"] = e;
+    }
+    let i = app.integration(b, "n8n", config, "active").await;
+    (b, i)
+}
+
+fn status(call: &str, status: &str, seq: u32) -> Vec<(String, String)> {
+    let mut p = vec![
+        ("AccountSid", "AC00000000000000000000000000000001".to_string()),
+        ("CallSid", call.to_string()),
+        ("CallStatus", status.to_string()),
+        ("Direction", "inbound".to_string()),
+        ("From", "+14155552671".to_string()),
+        ("To", "+15005550006".to_string()),
+        ("CallerName", "Jane Doe".to_string()),
+        ("SequenceNumber", seq.to_string()),
+        ("Timestamp", format!("Tue, 25 Nov 2025 12:00:{:02} +0000", seq * 3)),
+        ("CallbackSource", "call-progress-events".to_string()),
+    ];
+    if status == "completed" || status == "no-answer" {
+        p.push(("CallDuration", "125".to_string()));
+    }
+    p.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+fn transcription(call: &str, text: &str) -> Vec<(String, String)> {
+    [
+        ("CallSid", call),
+        ("TranscriptionSid", "TR3333"),
+        ("TranscriptionText", text),
+        ("TranscriptionStatus", "completed"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+async fn post(app: &TestApp, business: i32, endpoint: &str, params: &[(String, String)]) {
+    let borrowed: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = app.post_twilio(business, endpoint, TOKEN, &borrowed).await;
+    assert_eq!(r.status().as_u16(), 204, "{endpoint} accepted");
+}
+
+/// A call that rings and is answered and ends: three status callbacks.
+async fn whole_call(app: &TestApp, business: i32, call: &str) {
+    for (s, seq) in [("ringing", 0), ("in-progress", 1), ("completed", 2)] {
+        post(app, business, "call-status", &status(call, s, seq)).await;
+    }
+}
+
+fn call_sid(n: u32) -> String {
+    format!("CA{n:032x}")
+}
+
+/// Waits until the receiver holds `n` requests on `path`.
+async fn received(app: &TestApp, r: &Receiver, path: &str, n: usize) -> Vec<Received> {
+    app.eventually(&format!("{n} notices on /{path}"), || async {
+        let got = r.received(path);
+        (got.len() >= n).then_some(got)
+    })
+    .await
+}
+
+/// Waits until there are `n` notices in the database, all settled; returns
+/// (kind, outcome, tries, last_error) of each, oldest first.
+async fn settled(app: &TestApp, n: usize) -> Vec<(String, String, i32, Option<String>)> {
+    app.eventually("every notice settled", || async {
+        let rows: Vec<(String, Option<String>, i32, Option<String>)> = sqlx::query_as(
+            "SELECT kind, outcome, tries, last_error FROM webhook_worker.notices ORDER BY created_at, kind",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .ok()?;
+        let all = rows.len() >= n && rows.iter().all(|r| r.1.is_some());
+        all.then(|| rows.into_iter().map(|(k, o, t, e)| (k, o.unwrap(), t, e)).collect())
+    })
+    .await
+}
+
+async fn notice_count(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM webhook_worker.notices").fetch_one(&app.pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn each_change_is_noticed_once_signed_with_the_integrations_secret() {
+    let app = spawn().await;
+    let r = Receiver::start(SECRET).await;
+    let (b, _) = business(&app, &r.url("all"), None).await;
+    let (only_ended, _) = business(&app, &r.url("ended-only"), Some(json!(["call.ended"]))).await;
+    let call = call_sid(1);
+
+    whole_call(&app, b, &call).await;
+    // Twilio retries and a late callback: no second call.ended.
+    post(&app, b, "call-status", &status(&call, "completed", 2)).await;
+    post(&app, b, "call-status", &status(&call, "ringing", 0)).await;
+    post(&app, b, "transcription", &transcription(&call, "Hello, I would like to book a cleaning.")).await;
+    post(&app, b, "transcription", &transcription(&call, "Hello, I would like to book a cleaning.")).await;
+    whole_call(&app, only_ended, &call_sid(2)).await;
+    post(&app, only_ended, "transcription", &transcription(&call_sid(2), "Hi")).await;
+    // 3 + 3 status callbacks and 2 transcriptions; the repeats are duplicates.
+    app.settled(8).await;
+
+    let got = received(&app, &r, "all", 2).await;
+    let outcomes = settled(&app, 3).await;
+    assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| o.1 == "delivered" && o.2 == 1), "{outcomes:?}");
+    let got_all = r.received("all");
+    assert_eq!(got_all.len(), 2, "exactly two notices for the first business: {got_all:?}");
+    let only = r.received("ended-only");
+    assert_eq!(only.len(), 1, "notify_events lists call.ended only: {only:?}");
+    assert_eq!(only[0].body["type"], "call.ended");
+
+    for n in r.all() {
+        assert!(n.verified, "signature verifies with the integration's secret: {n:?}");
+        assert_eq!(n.content_type, "application/json");
+        assert!(n.webhook_id.starts_with("msg_") && !n.webhook_id.contains('.'), "{}", n.webhook_id);
+    }
+    let ids: std::collections::HashSet<_> = r.all().iter().map(|n| n.webhook_id.clone()).collect();
+    assert_eq!(ids.len(), 3, "every notice has its own webhook-id");
+
+    let ended = got.iter().find(|n| n.body["type"] == "call.ended").expect("call.ended").body.clone();
+    let (call_id,): (i32,) =
+        sqlx::query_as("SELECT id FROM calls WHERE business_id = $1").bind(b).fetch_one(&app.pool).await.unwrap();
+    let data = &ended["data"];
+    assert_eq!(data["business_id"], b);
+    assert_eq!(data["call_id"], call_id);
+    assert_eq!(data["call_sid"], call.as_str());
+    assert_eq!(data["status"], "completed");
+    assert_eq!(data["phone"], "+14155552671");
+    assert_eq!(data["caller"], "Jane Doe");
+    assert_eq!(data["duration"], "2:05");
+    assert_eq!(data["start_time"], "2025-11-25T12:00:00Z");
+    assert_eq!(data["end_time"], "2025-11-25T12:00:06Z");
+    assert!(chrono::DateTime::parse_from_rfc3339(ended["timestamp"].as_str().unwrap()).is_ok(), "{ended}");
+    let ready = got.iter().find(|n| n.body["type"] == "call.transcript_ready").expect("transcript_ready");
+    assert_eq!(ready.body["data"]["transcript"], "Hello, I would like to book a cleaning.");
+    assert_eq!(ready.body["data"]["call_id"], call_id);
+    app.stop().await;
+}
+
+async fn weekdays_nine_to_five(app: &TestApp, business: i32) {
+    for day in ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"] {
+        sqlx::query(
+            "INSERT INTO hours_of_operation (business_id, day_of_week, open_time, close_time, is_open)
+             VALUES ($1, $2, '09:00', '17:00', true)",
+        )
+        .bind(business)
+        .bind(day)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+}
+
+async fn push(app: &TestApp, business: i32, id: &str, body: &Value) {
+    let body = body.to_string();
+    let ts = chrono::Utc::now().timestamp();
+    let sig = sign(&Secret::parse(SECRET).unwrap(), id, ts, body.as_bytes());
+    let ts = ts.to_string();
+    let headers = [
+        ("webhook-id", id),
+        ("webhook-timestamp", ts.as_str()),
+        ("webhook-signature", sig.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let r = app.post_raw(&format!("/webhooks/n8n/{business}/bookings"), body, &headers).await;
+    assert_eq!(r.status().as_u16(), 202);
+}
+
+#[tokio::test]
+async fn a_booking_pushed_outside_opening_hours_is_noticed_once_per_flagged_push() {
+    let app = spawn().await;
+    let r = Receiver::start(SECRET).await;
+    let (b, _) = business(&app, &r.url("bookings"), None).await;
+    weekdays_nine_to_five(&app, b).await;
+    let booking = |date: &str| {
+        json!({"external_id": "bk-1", "customer": "Jane Doe", "phone": "+14155552671", "email": "jane@example.com",
+               "service": "Cleaning", "date": date, "status": "upcoming", "notes": "first visit"})
+    };
+    // Saturday: flagged. Pushed twice (n8n's retry): one notice.
+    push(&app, b, "msg_bk_1", &booking("2026-03-14T10:00:00+00:00")).await;
+    push(&app, b, "msg_bk_1", &booking("2026-03-14T10:00:00+00:00")).await;
+    // Moved into Monday's hours: no notice. Then to 20:00 Monday: a second flagged push.
+    push(&app, b, "msg_bk_2", &booking("2026-03-16T10:00:00+00:00")).await;
+    push(&app, b, "msg_bk_3", &booking("2026-03-16T20:00:00+00:00")).await;
+    app.settled(3).await;
+
+    let got = received(&app, &r, "bookings", 2).await;
+    let outcomes = settled(&app, 2).await;
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert_eq!(r.received("bookings").len(), 2);
+    let (booking_id,): (i32,) =
+        sqlx::query_as("SELECT id FROM bookings WHERE business_id = $1").bind(b).fetch_one(&app.pool).await.unwrap();
+    for n in &got {
+        assert!(n.verified);
+        assert_eq!(n.body["type"], "booking.outside_hours");
+        let d = &n.body["data"];
+        assert_eq!(d["business_id"], b);
+        assert_eq!(d["booking_id"], booking_id);
+        assert_eq!(d["external_id"], "bk-1");
+        assert_eq!(d["customer"], "Jane Doe");
+        assert_eq!(d["service"], "Cleaning");
+        assert_eq!(d["status"], "upcoming");
+        assert!(d["reason"].as_str().unwrap().contains("opening hours"), "{d}");
+    }
+    let dates: Vec<_> = got.iter().map(|n| n.body["data"]["date"].as_str().unwrap().to_string()).collect();
+    assert_eq!(dates, ["2026-03-14T10:00:00Z", "2026-03-16T20:00:00Z"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_fails_twice_gets_the_notice_exactly_once() {
+    let app = spawn().await;
+    let r = Receiver::start(SECRET).await;
+    r.script("flaky", [Reply::Status(503), Reply::RetryAfter(429, "0")]);
+    let (b, _) = business(&app, &r.url("flaky"), Some(json!(["call.ended"]))).await;
+    whole_call(&app, b, &call_sid(7)).await;
+
+    let got = received(&app, &r, "flaky", 3).await;
+    let outcomes = settled(&app, 1).await;
+    assert_eq!(outcomes, vec![("call.ended".to_string(), "delivered".to_string(), 3, None)]);
+    assert_eq!(got.iter().map(|n| n.answered).collect::<Vec<_>>(), [503, 429, 200]);
+    assert_eq!(got.iter().filter(|n| n.answered == 200).count(), 1, "accepted exactly once");
+    assert!(got.iter().all(|n| n.webhook_id == got[0].webhook_id), "the same webhook-id on every try");
+    assert!(got.iter().all(|n| n.verified && n.body == got[0].body), "the same signed body on every try");
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metric(&metrics, "micro8gents_notices_retried_total") >= 2.0, "{metrics}");
+    assert!(metric(&metrics, "micro8gents_notices_sent_total") >= 1.0);
+    app.stop().await;
+}
+
+/// Sums every series of a metric in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_receiver_that_answers_410_gets_no_more_until_the_notify_url_changes() {
+    let app = spawn().await;
+    let r = Receiver::start(SECRET).await;
+    r.script("gone", [Reply::Status(410)]);
+    let (b, integration) = business(&app, &r.url("gone"), Some(json!(["call.ended"]))).await;
+    whole_call(&app, b, &call_sid(1)).await;
+    received(&app, &r, "gone", 1).await;
+    let outcomes = settled(&app, 1).await;
+    assert_eq!(outcomes[0].1, "parked");
+    assert!(outcomes[0].3.as_deref().unwrap().contains("410"), "{outcomes:?}");
+
+    // Another call ends: its change is applied, no notice is decided or sent.
+    whole_call(&app, b, &call_sid(2)).await;
+    app.settled(6).await;
+    assert_eq!(notice_count(&app).await, 1);
+
+    // A new notify_url turns notices on again.
+    sqlx::query("UPDATE integrations SET config = config || jsonb_build_object('notify_url', $2::text) WHERE id = $1")
+        .bind(integration)
+        .bind(r.url("new"))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    whole_call(&app, b, &call_sid(3)).await;
+    let got = received(&app, &r, "new", 1).await;
+    assert_eq!(got[0].body["data"]["call_sid"], call_sid(3));
+    assert_eq!(r.received("gone").len(), 1, "the gone receiver got nothing more");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn other_client_errors_park_at_once_with_the_reason_in_the_dead_letter_queue() {
+    let app = spawn().await;
+    let r = Receiver::start(SECRET).await;
+    r.script("bad", [Reply::Status(401)]);
+    let (b, _) = business(&app, &r.url("bad"), Some(json!(["call.ended"]))).await;
+    whole_call(&app, b, &call_sid(1)).await;
+    let outcomes = settled(&app, 1).await;
+    assert_eq!(outcomes[0].1, "parked");
+    assert_eq!(outcomes[0].2, 1, "one try only");
+    assert_eq!(outcomes[0].3.as_deref(), Some("the receiver answered 401"));
+    let parked = dead_letters(&app).await;
+    assert_eq!(parked, ["the receiver answered 401"]);
+    assert_eq!(r.received("bad").len(), 1);
+    app.stop().await;
+}
+
+/// The reasons (`x-last-error`) of the messages in `{p}.notices.dead`, read without taking them.
+async fn dead_letters(app: &TestApp) -> Vec<String> {
+    let queue = app.notice_queues().dead_queue();
+    app.eventually("a parked notice message", || async {
+        let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await.ok()?;
+        let ch = conn.create_channel().await.ok()?;
+        let mut reasons = Vec::new();
+        while let Ok(Some(m)) = ch.basic_get(queue.as_str().into(), Default::default()).await {
+            reasons.push(
+                micro8gents::bus::header_str(&m.delivery.properties, micro8gents::bus::ERROR_HEADER)
+                    .unwrap_or_default(),
+            );
+        }
+        let _ = conn.close(200, "read".into()).await;
+        (!reasons.is_empty()).then_some(reasons)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_notify_url_on_a_private_address_is_refused_and_parked_with_the_reason() {
+    // The default: private networks not allowed.
+    let app = TestApp::spawn().await;
+    let r = Receiver::start(SECRET).await;
+    let by_name = r.url("x").replace("127.0.0.1", "localhost");
+    let (b, _) = business(&app, &by_name, Some(json!(["call.ended"]))).await;
+    let (literal, _) = business(&app, &r.url("y"), Some(json!(["call.ended"]))).await;
+    whole_call(&app, b, &call_sid(1)).await;
+    whole_call(&app, literal, &call_sid(2)).await;
+    let outcomes = settled(&app, 2).await;
+    assert_eq!(outcomes.len(), 2);
+    for (_, outcome, _, error) in &outcomes {
+        assert_eq!(outcome, "parked");
+        let e = error.as_deref().unwrap();
+        assert!(
+            e.starts_with("refused: ") && e.contains("loopback") && e.contains("NOTIFY_ALLOW_PRIVATE_NETWORKS"),
+            "{e}"
+        );
+    }
+    let mut parked = dead_letters(&app).await;
+    parked.sort();
+    assert!(parked.iter().any(|p| p.contains("localhost is 127.0.0.1")), "{parked:?}");
+    assert!(r.all().is_empty(), "nothing reached the private address");
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metric(&metrics, "micro8gents_notices_refused_total") >= 2.0, "{metrics}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_hanging_receiver_delays_neither_applying_events_nor_other_businesses_notices() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("NOTIFY_ALLOW_PRIVATE_NETWORKS".into(), "true".into());
+        v.insert("NOTIFY_TIMEOUT".into(), "60s".into());
+    })
+    .await;
+    let slow = Receiver::start(SECRET).await;
+    let fast = Receiver::start(SECRET).await;
+    slow.script("slow", (0..40).map(|_| Reply::Hang(Duration::from_secs(60))));
+    let (hung, _) = business(&app, &slow.url("slow"), Some(json!(["call.ended"]))).await;
+    let (healthy, _) = business(&app, &fast.url("fast"), Some(json!(["call.ended"]))).await;
+    let started = Instant::now();
+    // More of the hanging business's notices than one receiver may hold.
+    for n in 0..24 {
+        whole_call(&app, hung, &call_sid(100 + n)).await;
+    }
+    whole_call(&app, healthy, &call_sid(1)).await;
+    // Every event applied, the healthy business's notice delivered, well within the 60 s hang.
+    app.settled(75).await;
+    let (ended,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM calls WHERE status = 'completed'").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(ended, 25);
+    let got = received(&app, &fast, "fast", 1).await;
+    assert_eq!(got[0].body["data"]["business_id"], healthy);
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    let held = slow.received("slow").len();
+    assert!(held <= micro8gents::notify::consumer::IN_FLIGHT_PER_RECEIVER, "{held} posts in flight to one receiver");
+    app.stop().await;
+}
