@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use micro8gents::app::{self, Role};
 use micro8gents::bus::{Broker, Publisher, Topology};
 use micro8gents::config::Config;
-use micro8gents::events::{BusinessId, Family, Provider};
+use micro8gents::events::{BusinessId, Provider};
 use micro8gents::ops::{dlq, replay};
 use micro8gents::store;
 use opentelemetry::trace::TracerProvider as _;
@@ -69,7 +69,7 @@ enum DlqCommand {
     List {
         /// Only this family's queue (default: all).
         #[arg(long)]
-        family: Option<Family>,
+        family: Option<dlq::Parking>,
         /// Read at most this many messages.
         #[arg(long, default_value_t = dlq::DEFAULT_LIMIT)]
         limit: usize,
@@ -80,7 +80,7 @@ enum DlqCommand {
         id: String,
         /// Look only in this family's queue.
         #[arg(long)]
-        family: Option<Family>,
+        family: Option<dlq::Parking>,
     },
     /// Send parked messages back to their work queue, as first tries.
     Redrive {
@@ -92,7 +92,7 @@ enum DlqCommand {
         all: bool,
         /// Only this family's queue.
         #[arg(long)]
-        family: Option<Family>,
+        family: Option<dlq::Parking>,
         /// Read at most this many messages per queue.
         #[arg(long, default_value_t = dlq::DEFAULT_LIMIT)]
         limit: usize,

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::TestApp;
 use common::receiver::{Received, Receiver, Reply};
+use micro8gents::bus::{Broker, Publisher};
+use micro8gents::ops::dlq::{self, Parking};
 use micro8gents::verify::standard_webhooks::{Secret, sign};
 use serde_json::{Value, json};
 
@@ -299,7 +301,7 @@ async fn a_receiver_that_answers_410_gets_no_more_until_the_notify_url_changes()
 }
 
 #[tokio::test]
-async fn other_client_errors_park_at_once_with_the_reason_in_the_dead_letter_queue() {
+async fn other_client_errors_park_at_once_visible_to_dlq_and_a_redrive_sends_it_again() {
     let app = spawn().await;
     let r = Receiver::start(SECRET).await;
     r.script("bad", [Reply::Status(401)]);
@@ -309,9 +311,38 @@ async fn other_client_errors_park_at_once_with_the_reason_in_the_dead_letter_que
     assert_eq!(outcomes[0].1, "parked");
     assert_eq!(outcomes[0].2, 1, "one try only");
     assert_eq!(outcomes[0].3.as_deref(), Some("the receiver answered 401"));
-    let parked = dead_letters(&app).await;
-    assert_eq!(parked, ["the receiver answered 401"]);
     assert_eq!(r.received("bad").len(), 1);
+
+    // What `micro8gents dlq list --family notices` prints.
+    let broker = std::sync::Arc::new(Broker::new(app.cfg.amqp_url.expose(), "notify-test", app.topology()));
+    let parked = app
+        .eventually("the parked notice in the dlq listing", || async {
+            let list = dlq::list(&broker, &app.topology(), Some(Parking::Notices), 100).await.ok()?;
+            (list.len() == 1).then_some(list)
+        })
+        .await;
+    assert_eq!(parked[0].family, "notices");
+    assert_eq!(parked[0].kind, "call.ended");
+    assert_eq!(parked[0].reason, "the receiver answered 401");
+    assert_eq!(parked[0].id, r.received("bad")[0].webhook_id, "listed under its webhook-id");
+    assert_eq!(dlq::list(&broker, &app.topology(), None, 100).await.unwrap().len(), 1, "listed with every family");
+
+    // The receiver is fixed; `micro8gents dlq redrive <id>` sends the notice again, same id.
+    let publisher = Publisher::new(broker.clone(), app.cfg.publish_timeout);
+    let select = dlq::Select::Id(parked[0].id.clone());
+    let done = dlq::redrive(&broker, &publisher, &app.topology(), &select, Some(Parking::Notices), 100).await.unwrap();
+    assert_eq!(done.redriven.len(), 1);
+    let got = received(&app, &r, "bad", 2).await;
+    assert_eq!(got[1].answered, 200);
+    assert_eq!(got[1].webhook_id, got[0].webhook_id);
+    let outcomes = app
+        .eventually("the redriven notice delivered", || async {
+            let o = settled(&app, 1).await;
+            (o[0].1 == "delivered").then_some(o)
+        })
+        .await;
+    assert_eq!(outcomes[0].2, 1, "a redrive starts a fresh round of tries");
+    broker.close().await;
     app.stop().await;
 }
 

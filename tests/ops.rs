@@ -82,7 +82,7 @@ fn broker(app: &TestApp) -> std::sync::Arc<Broker> {
 /// Waits until the calls DLQ holds exactly `n` messages and returns them.
 async fn parked(app: &TestApp, broker: &Broker, n: usize) -> Vec<dlq::Parked> {
     app.eventually(&format!("{n} parked message(s)"), || async {
-        let list = dlq::list(broker, &app.topology(), Some(Family::Calls), 100).await.ok()?;
+        let list = dlq::list(broker, &app.topology(), Some(Family::Calls.into()), 100).await.ok()?;
         (list.len() == n).then_some(list)
     })
     .await
@@ -166,7 +166,7 @@ async fn a_redriven_message_that_is_still_bad_is_parked_again_with_its_reason() 
     // Back in the DLQ after its one new try, with the reason, the other one untouched.
     let list = app
         .eventually("bad-1 parked again", || async {
-            let list = dlq::list(&broker, &app.topology(), Some(Family::Calls), 100).await.ok()?;
+            let list = dlq::list(&broker, &app.topology(), Some(Family::Calls.into()), 100).await.ok()?;
             (list.len() == 2 && list.iter().any(|p| p.id == "bad-1")).then_some(list)
         })
         .await;

@@ -1,4 +1,5 @@
-//! The dead-letter queues `{p}.<family>.dead`: list, show and redrive parked messages.
+//! The dead-letter queues `{p}.<family>.dead` and `{p}.notices.dead`: list,
+//! show and redrive parked messages.
 //!
 //! Reading never loses a message: messages are taken with `basic.get` without
 //! auto-ack and held until the end, then handed back (`nack` with requeue), except
@@ -14,6 +15,7 @@ use crate::bus::{
     ATTEMPT_HEADER, Broker, BusError, ERROR_HEADER, Outgoing, Publisher, Topology, header_int, header_str,
 };
 use crate::events::Family;
+use crate::notify::queue::NoticeQueues;
 
 /// The most messages one command reads from a queue, unless told otherwise.
 pub const DEFAULT_LIMIT: usize = 10_000;
@@ -38,7 +40,7 @@ pub struct Parked {
 }
 
 impl Parked {
-    fn from_delivery(family: Family, d: &Delivery) -> Parked {
+    fn from_delivery(family: Parking, d: &Delivery) -> Parked {
         let p = &d.properties;
         Parked {
             family: family.as_str(),
@@ -107,22 +109,70 @@ impl Select {
     }
 }
 
-/// The families a command works on: one, or all three.
-pub fn families(only: Option<Family>) -> Vec<Family> {
-    only.map_or_else(|| Family::ALL.to_vec(), |f| vec![f])
+/// A dead-letter queue: an event family's, or the notices' (`--family notices`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parking {
+    Family(Family),
+    Notices,
+}
+
+impl Parking {
+    pub const ALL: [Parking; Family::ALL.len() + 1] = {
+        let mut all = [Parking::Notices; Family::ALL.len() + 1];
+        let mut i = 0;
+        while i < Family::ALL.len() {
+            all[i] = Parking::Family(Family::ALL[i]);
+            i += 1;
+        }
+        all
+    };
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Parking::Family(f) => f.as_str(),
+            Parking::Notices => crate::notify::queue::ROUTING_KEY,
+        }
+    }
+
+    fn dead_queue(self, topo: &Topology) -> String {
+        match self {
+            Parking::Family(f) => topo.dead_queue(f),
+            Parking::Notices => NoticeQueues::new(topo, &[]).dead_queue(),
+        }
+    }
+}
+
+impl From<Family> for Parking {
+    fn from(f: Family) -> Self {
+        Parking::Family(f)
+    }
+}
+
+impl clap::ValueEnum for Parking {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Parking::ALL
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
+}
+
+/// The queues a command works on: one, or every family's and the notices'.
+pub fn families(only: Option<Parking>) -> Vec<Parking> {
+    only.map_or_else(|| Parking::ALL.to_vec(), |f| vec![f])
 }
 
 /// The messages parked in the families' dead-letter queues, oldest first; none is removed.
 pub async fn list(
     broker: &Broker,
     topo: &Topology,
-    only: Option<Family>,
+    only: Option<Parking>,
     limit: usize,
 ) -> Result<Vec<Parked>, BusError> {
     let mut out = Vec::new();
     for family in families(only) {
         let ch = broker.channel().await?;
-        let held = hold(&ch, &topo.dead_queue(family), limit.saturating_sub(out.len())).await;
+        let held = hold(&ch, &family.dead_queue(topo), limit.saturating_sub(out.len())).await;
         out.extend(held.iter().map(|d| Parked::from_delivery(family, d)));
         give_back(&ch, &held).await?;
         let _ = ch.close(200, "listed".into()).await;
@@ -131,7 +181,7 @@ pub async fn list(
 }
 
 /// The parked messages whose id is `id` (normally one).
-pub async fn show(broker: &Broker, topo: &Topology, id: &str, only: Option<Family>) -> Result<Vec<Parked>, BusError> {
+pub async fn show(broker: &Broker, topo: &Topology, id: &str, only: Option<Parking>) -> Result<Vec<Parked>, BusError> {
     Ok(list(broker, topo, only, DEFAULT_LIMIT).await?.into_iter().filter(|p| p.id == id).collect())
 }
 
@@ -151,14 +201,14 @@ pub async fn redrive(
     publisher: &Publisher,
     topo: &Topology,
     select: &Select,
-    only: Option<Family>,
+    only: Option<Parking>,
     limit: usize,
 ) -> Result<Redriven, BusError> {
     let mut done = Redriven::default();
     let progress = super::Progress::new("redriven");
     for family in families(only) {
         let ch = broker.channel().await?;
-        let held = hold(&ch, &topo.dead_queue(family), limit).await;
+        let held = hold(&ch, &family.dead_queue(topo), limit).await;
         let mut keep = Vec::new();
         for d in held {
             let parked = Parked::from_delivery(family, &d);
