@@ -115,8 +115,6 @@ pub fn otlp_provider() -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvi
         ));
     }
     use opentelemetry_otlp::WithExportConfig as _;
-    // reqwest carries rustls (for notices) without a crypto provider of its own.
-    crate::notify::client::ensure_crypto_provider();
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)

@@ -5,7 +5,6 @@
 //! no proxy from the environment, and the [`GuardedResolver`] in front of every
 //! connection.
 
-use std::sync::Once;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -20,17 +19,6 @@ use crate::verify::standard_webhooks::{ID_HEADER, SIGNATURE_HEADER, Secret, TIME
 /// connection can be kept; a receiver that sends more gets its connection closed.
 const ANSWER_BODY_LIMIT: usize = 16 * 1024;
 const AGENT: &str = concat!("micro8gents-notify/", env!("CARGO_PKG_VERSION"));
-
-/// Installs rustls's `ring` provider as the process default, once. reqwest is
-/// built without a provider of its own (its default would pull in aws-lc), so
-/// every client in the process, the OTLP exporter's too, needs this first.
-pub fn ensure_crypto_provider() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // Err means another provider was installed first; that one is used.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-}
 
 /// One notice on its way: the receiver, the integration's secret, the stable
 /// `webhook-id` and the exact body bytes (signed as they are sent).
@@ -49,7 +37,7 @@ pub struct Deliverer {
 
 impl Deliverer {
     pub fn new(timeout: Duration, allow_private: bool) -> Result<Self, reqwest::Error> {
-        ensure_crypto_provider();
+        crate::twilio_api::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(timeout)
             .timeout(timeout)
