@@ -424,3 +424,71 @@ async fn a_hanging_receiver_delays_neither_applying_events_nor_other_businesses_
     assert!(held <= micro8gents::notify::consumer::IN_FLIGHT_PER_RECEIVER, "{held} posts in flight to one receiver");
     app.stop().await;
 }
+
+/// A real `micro8gents work` process with the test's database and queues.
+fn work_process(app: &TestApp) -> common::Binary {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_micro8gents"))
+        .arg("work")
+        .env("DATABASE_URL", app.cfg.database_url.expose())
+        .env("AMQP_URL", app.cfg.amqp_url.expose())
+        .env("AMQP_PREFIX", &app.cfg.amqp_prefix)
+        .env("RETRY_DELAYS", "100ms,200ms")
+        .env("NOTIFY_RETRY_DELAYS", "100ms,200ms")
+        .env("NOTIFY_TIMEOUT", "3s")
+        .env("NOTIFY_ALLOW_PRIVATE_NETWORKS", "true")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("micro8gents work starts");
+    common::Binary(child)
+}
+
+#[tokio::test]
+async fn a_worker_killed_with_sigkill_between_commit_and_delivery_still_delivers_once() {
+    let mut app = spawn().await;
+    // Only an ingress in this process; the worker is a real `micro8gents work`.
+    app.stop_service().await;
+    let serve = app.start_another(micro8gents::app::Role::Serve).await;
+    app.base = format!("http://{}", serve.addr.unwrap());
+    let r = Receiver::start(SECRET).await;
+    // The first try is held: the worker has committed the call and its notice and is sending it.
+    r.script("kill", [Reply::Hang(Duration::from_secs(60))]);
+    let (b, _) = business(&app, &r.url("kill"), Some(json!(["call.ended"]))).await;
+
+    let mut first = work_process(&app);
+    whole_call(&app, b, &call_sid(9)).await;
+    let held = received(&app, &r, "kill", 1).await;
+    // SIGKILL: no shutdown, no ack, no outcome recorded.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (outcome, relayed): (Option<String>, bool) =
+        sqlx::query_as("SELECT outcome, relayed_at IS NOT NULL FROM webhook_worker.notices")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((outcome, relayed), (None, true), "committed and relayed, not settled");
+
+    let _second = work_process(&app);
+    // The killed try's claim lapses (NOTIFY_TIMEOUT + 5 s), then the redelivered message is sent.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let got = loop {
+        let got = r.received("kill");
+        if got.len() >= 2 {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "the notice was not sent again after the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let outcomes = settled(&app, 1).await;
+    assert_eq!(outcomes[0].1, "delivered");
+    assert_eq!(got[1].answered, 200);
+    assert_eq!(got[1].webhook_id, held[0].webhook_id, "the same notice, the same webhook-id");
+    assert_eq!(got[1].body, held[0].body);
+    assert_eq!(got.iter().filter(|n| n.answered == 200).count(), 1, "accepted exactly once");
+    // Nothing more arrives: the notice is settled and no copy is left in a queue.
+    let (calls,): (i64,) = sqlx::query_as("SELECT count(*) FROM calls").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(calls, 1);
+    assert_eq!(notice_count(&app).await, 1);
+    serve.stop().await;
+    app.stop().await;
+}

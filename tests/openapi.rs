@@ -66,3 +66,19 @@ async fn every_documented_path_is_served_and_the_document_is_too() {
     assert!(r.text().await.unwrap().contains("\"error\":\"not_found\""));
     app.stop().await;
 }
+
+#[test]
+fn the_notices_are_documented_as_webhooks_one_per_type() {
+    let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+    let hooks: BTreeSet<String> = doc["webhooks"].as_object().expect("webhooks").keys().cloned().collect();
+    let kinds: BTreeSet<String> =
+        micro8gents::notify::notice::NoticeKind::ALL.iter().map(|k| k.as_str().to_string()).collect();
+    assert_eq!(hooks, kinds);
+    for kind in &kinds {
+        let schema = doc["webhooks"][kind]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .unwrap();
+        let schema = doc.pointer(schema.strip_prefix('#').unwrap()).unwrap();
+        assert_eq!(schema["properties"]["type"]["const"], kind.as_str());
+    }
+}

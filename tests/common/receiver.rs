@@ -34,7 +34,7 @@ pub struct Received {
     pub verified: bool,
     pub content_type: String,
     pub body: Value,
-    /// What the receiver answered (for a hang: what it will answer).
+    /// What the receiver answered; 0 for a request it held (`Reply::Hang`).
     pub answered: u16,
 }
 
@@ -103,7 +103,8 @@ async fn receive(
         inner.scripts.lock().unwrap().get_mut(&path).and_then(VecDeque::pop_front).unwrap_or(Reply::Status(200));
     let answered = match &reply {
         Reply::Status(c) | Reply::RetryAfter(c, _) => *c,
-        Reply::Hang(_) => 200,
+        // Held: whoever sent it may be gone before the answer.
+        Reply::Hang(_) => 0,
     };
     inner.log.lock().unwrap().push(Received {
         path,
