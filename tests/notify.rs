@@ -492,3 +492,68 @@ async fn a_worker_killed_with_sigkill_between_commit_and_delivery_still_delivers
     serve.stop().await;
     app.stop().await;
 }
+
+/// A Real-Time Transcription callback (CONTRACT section 4).
+fn realtime(call: &str, seq: u32, event: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut p: Vec<(String, String)> = [
+        ("AccountSid", "AC00000000000000000000000000000001"),
+        ("CallSid", call),
+        ("TranscriptionSid", "GT8fbf72a043b98407a3ce68331cd0030a"),
+        ("TranscriptionEvent", event),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    p.push(("SequenceId".into(), seq.to_string()));
+    p.push(("Timestamp".into(), format!("2025-11-25T12:00:{:02}.454203Z", seq)));
+    p.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    p
+}
+
+#[tokio::test]
+async fn a_real_time_session_with_text_is_noticed_when_it_stops_and_a_higher_source_again() {
+    let app = spawn().await;
+    let r = Receiver::start(SECRET).await;
+    let (b, _) = business(&app, &r.url("rt"), Some(json!(["call.transcript_ready"]))).await;
+    let call = call_sid(3);
+    let line = |text: &str| json!({"transcript": text, "confidence": 0.98}).to_string();
+    let (hello, book) = (line("Hello, this is Sam"), line("I'd like to book a cleaning"));
+    post(&app, b, "transcription", &realtime(&call, 1, "transcription-started", &[("Track", "both_tracks")])).await;
+    post(
+        &app,
+        b,
+        "transcription",
+        &realtime(
+            &call,
+            2,
+            "transcription-content",
+            &[("Track", "outbound_track"), ("Final", "true"), ("TranscriptionData", &hello)],
+        ),
+    )
+    .await;
+    post(
+        &app,
+        b,
+        "transcription",
+        &realtime(
+            &call,
+            3,
+            "transcription-content",
+            &[("Track", "inbound_track"), ("Final", "true"), ("TranscriptionData", &book)],
+        ),
+    )
+    .await;
+    app.settled(3).await;
+    // Segments alone are no notice: the session is still going.
+    assert_eq!(notice_count(&app).await, 0);
+    post(&app, b, "transcription", &realtime(&call, 4, "transcription-stopped", &[])).await;
+    let got = received(&app, &r, "rt", 1).await;
+    assert_eq!(got[0].body["type"], "call.transcript_ready");
+    assert_eq!(got[0].body["data"]["transcript"], "Agent: Hello, this is Sam\nCustomer: I'd like to book a cleaning");
+    // A <Record transcribe> transcript is a lower source: it replaces nothing, no notice.
+    post(&app, b, "transcription", &transcription(&call, "lower source")).await;
+    app.settled(5).await;
+    assert_eq!(settled(&app, 1).await.len(), 1);
+    assert_eq!(r.received("rt").len(), 1);
+    app.stop().await;
+}
