@@ -94,7 +94,7 @@ impl NoticeConsumer {
                     tracker.spawn(async move { this.handle(&ch, &limiter, delivery).await });
                 }
                 Some(Err(e)) => break Err(e.into()),
-                None => break Err(BusError::Unavailable("consumer cancelled by the broker".into())),
+                None => break Err(BusError::ConsumerCancelled),
             }
         };
         // Tries in flight end within NOTIFY_TIMEOUT; their outcomes are recorded and acked.
