@@ -1,4 +1,4 @@
-//! The notices' own queues, beside the event families' (docs/adr/0010-notices.md):
+//! The notices' own queues, beside the event families' (docs/adr/0014-notices-outbox.md):
 //!
 //! ```text
 //! {p}.events --notices--> {p}.notices                       quorum, the delivery queue
