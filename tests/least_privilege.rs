@@ -14,7 +14,6 @@ use common::dashboard::{DASHBOARD_SQL, TestDb};
 use common::{PUBLIC_BASE_URL, amqp_url};
 use hmac::{KeyInit, Mac};
 use micro8gents::app::{self, Role};
-use micro8gents::bus::Topology;
 use micro8gents::config::Config;
 use micro8gents::verify::standard_webhooks::{Secret, sign};
 use micro8gents::verify::twilio::{Algorithm, compute_signature};
@@ -260,18 +259,5 @@ async fn migrate_serve_and_work_run_as_the_readme_role_on_the_dashboards_databas
             .unwrap();
     assert_eq!(owner, role.0);
     admin.close().await.ok();
-    cleanup_broker(&prefix, &cfg).await;
-}
-
-async fn cleanup_broker(prefix: &str, cfg: &Config) {
-    let topo = Topology::new(prefix, &cfg.retry_delays);
-    let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    for q in topo.all_queues() {
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-    }
-    for x in topo.all_exchanges() {
-        let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
-    }
-    let _ = conn.close(200, "bye".into()).await;
+    common::delete_broker_objects_of(&[("AMQP_PREFIX", &prefix), ("RETRY_DELAYS", "100ms,200ms")]).await;
 }

@@ -10,7 +10,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{Binary, PUBLIC_BASE_URL, TestApp};
-use micro8gents::bus::Topology;
 use micro8gents::verify::standard_webhooks::{Secret, sign};
 use micro8gents::verify::twilio::{Algorithm, compute_signature};
 use serde_json::{Value, json};
@@ -64,26 +63,6 @@ fn listening(rx: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> String {
             return v["addr"].as_str().unwrap().to_string();
         }
     }
-}
-
-async fn delete_topology(prefix: &str) {
-    let topo = Topology::new(prefix, &[Duration::from_secs(5), Duration::from_secs(30)]);
-    let mut topo_all = topo.all_queues();
-    // The binary's default retry delays: 5s,30s,2m,10m,1h.
-    for f in micro8gents::events::Family::ALL {
-        for ms in [120_000u64, 600_000, 3_600_000] {
-            topo_all.push(format!("{prefix}.{}.retry.{ms}", f.as_str()));
-        }
-    }
-    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    for q in topo_all {
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-    }
-    for x in topo.all_exchanges() {
-        let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
-    }
-    let _ = conn.close(200, "bye".into()).await;
 }
 
 #[tokio::test]
@@ -174,7 +153,7 @@ async fn json_logs_name_the_event_and_never_a_secret() {
     .unwrap();
     assert!(exited.1.unwrap().success());
     lines.extend(rx.iter());
-    delete_topology(&prefix).await;
+    common::delete_broker_objects_of(&[("AMQP_PREFIX", &prefix)]).await;
 
     let n8n_key_b64 = N8N_SECRET.trim_start_matches("whsec_");
     let mut events: Vec<Value> = Vec::new();

@@ -39,6 +39,7 @@ fn cli(app: &TestApp, args: &[&str]) -> Output {
         .env("AMQP_URL", app.cfg.amqp_url.expose())
         .env("AMQP_PREFIX", &app.cfg.amqp_prefix)
         .env("RETRY_DELAYS", "100ms,200ms")
+        .env("NOTIFY_RETRY_DELAYS", "100ms,200ms")
         .output()
         .expect("the binary runs")
 }

@@ -166,19 +166,7 @@ async fn amqps_verifies_the_brokers_certificate() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 parked message(s)"));
 
     // Clean up what `dlq list` declared.
-    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let topo = micro8gents::bus::Topology::new(
-        &prefix,
-        &micro8gents::config::Config::from_vars(&Default::default()).unwrap().retry_delays,
-    );
-    for q in topo.all_queues() {
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-    }
-    for x in topo.all_exchanges() {
-        let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
-    }
-    let _ = conn.close(200, "bye".into()).await;
+    common::delete_broker_objects_of(&[("AMQP_PREFIX", &prefix)]).await;
 }
 
 #[test]

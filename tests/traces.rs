@@ -6,7 +6,6 @@ mod common;
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::body::Bytes;
 use common::{Binary, PUBLIC_BASE_URL, TestApp};
@@ -117,15 +116,6 @@ async fn the_senders_trace_reaches_the_worker_and_the_collector() {
     assert!(!contains(&all, TOKEN.as_bytes()));
 
     // The binary's broker names.
-    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let topo = micro8gents::bus::Topology::new(&prefix, &[Duration::from_secs(1)]);
-    for q in topo.all_queues() {
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-    }
-    for x in topo.all_exchanges() {
-        let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
-    }
-    conn.close(200, "bye".into()).await.ok();
+    common::delete_broker_objects_of(&[("AMQP_PREFIX", &prefix), ("RETRY_DELAYS", "1s")]).await;
     app.stop().await;
 }

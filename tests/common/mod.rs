@@ -378,22 +378,39 @@ impl Drop for TestApp {
 }
 
 async fn cleanup(db_name: &str, queues: &[String], topo: &Topology) {
-    if let Ok(conn) = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await {
-        if let Ok(ch) = conn.create_channel().await {
-            for q in queues {
-                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-            }
-            for x in topo.all_exchanges() {
-                let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
-            }
-        }
-        let _ = conn.close(200, "bye".into()).await;
-    }
+    delete_queues_and_exchanges(queues, &topo.all_exchanges()).await;
     if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
         let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
             .execute(&mut conn)
             .await;
     }
+}
+
+async fn delete_queues_and_exchanges(queues: &[String], exchanges: &[String]) {
+    if let Ok(conn) = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await {
+        if let Ok(ch) = conn.create_channel().await {
+            for q in queues {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for x in exchanges {
+                let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+}
+
+/// Deletes the queues and exchanges that a `micro8gents` child process declared when
+/// started with these variables (the rest at their defaults): its event families' and
+/// its notices', whatever its retry delays. A test that starts a binary under a prefix
+/// of its own calls this, so no run leaves idle quorum queues on the shared broker.
+pub async fn delete_broker_objects_of(vars: &[(&str, &str)]) {
+    let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let cfg = Config::from_vars(&vars).expect("the binary's settings");
+    let topo = Topology::new(&cfg.amqp_prefix, &cfg.retry_delays);
+    let mut queues = topo.all_queues();
+    queues.extend(NoticeQueues::new(&topo, &cfg.notify_retry_delays).all_queues());
+    delete_queues_and_exchanges(&queues, &topo.all_exchanges()).await;
 }
 
 /// The `calls` row of a business, if there is exactly one.
