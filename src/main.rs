@@ -278,11 +278,12 @@ async fn run_prune(cfg: &Config, older_than: std::time::Duration) -> anyhow::Res
     let days: Vec<String> = pruned.days.iter().map(|d| d.to_string()).collect();
     let kept = pruned.kept_from.map_or_else(String::new, |d| d.to_string());
     println!(
-        "pruned events older than {}: {} day(s) of the event log dropped [{}], {} key(s) deleted{}; kept from {kept} (UTC)",
+        "pruned events older than {}: {} day(s) of the event log dropped [{}], {} key(s) deleted, {} transcript segment(s) removed{}; kept from {kept} (UTC)",
         micro8gents::config::fmt_duration(older_than),
         days.len(),
         days.join(", "),
         pruned.keys,
+        pruned.segments,
         if pruned.legacy_dropped { ", the old inbox dropped" } else { "" },
     );
     pool.close().await;

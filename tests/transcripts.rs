@@ -581,3 +581,61 @@ async fn a_malformed_shared_key_entry_is_left_out() {
     assert_eq!(post_shared(&app, b, SHARED, &settings).await.status(), 204);
     app.stop().await;
 }
+
+/// Retention removes a finished session's segments (issue 16); the call keeps its text,
+/// and a duplicate callback arriving after its key was pruned too changes nothing.
+#[tokio::test]
+async fn pruned_segments_leave_the_transcript_and_a_late_duplicate_changes_nothing() {
+    let (app, _twilio, b) = spawn().await;
+    let line_2 = content(GT_A, 2, 11, "outbound_track", "Thanks for calling Acme Dental.");
+    for e in [
+        started(GT_A, 10, &[]),
+        line_2.clone(),
+        content(GT_A, 3, 12, "inbound_track", "Hi, I need a cleaning."),
+        rt(GT_A, 4, 13, "transcription-stopped", &[]),
+    ] {
+        assert_eq!(post(&app, b, "transcription", &e).await, 204);
+    }
+    let text = "Agent: Thanks for calling Acme Dental.\nCustomer: Hi, I need a cleaning.";
+    transcript_becomes(&app, b, text).await;
+    app.settled(4).await;
+
+    // Forty days later: the session and the event keys are past a 30-day retention.
+    sqlx::query("UPDATE webhook_worker.transcript_sessions SET seen_at = seen_at - interval '40 days'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE webhook_worker.inbox_keys SET day = day - 40").execute(&app.pool).await.unwrap();
+    // (The service's own upkeep may do part of it at the same moment: the state is what counts.)
+    micro8gents::store::retention::prune(&app.pool, Duration::from_secs(30 * 86_400)).await.unwrap();
+    let (segments, pruned_sessions): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM webhook_worker.transcript_segments),
+                (SELECT count(*) FROM webhook_worker.transcript_sessions WHERE segments_pruned)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((segments, pruned_sessions), (0, 1));
+    assert_eq!(calls_of(&app.pool, b).await[0].transcript.as_deref(), Some(text));
+
+    // Twilio (or a replay) delivers segment 2 again: no key remembers it, the session does.
+    assert_eq!(post(&app, b, "transcription", &line_2).await, 204);
+    let key = format!("twilio:realtime:{b}:{GT_A}:2");
+    let late = app.eventually("the late duplicate settled", || async {
+        let outcomes: Vec<(String,)> = sqlx::query_as(
+            "SELECT outcome FROM webhook_worker.inbox WHERE key_hash = webhook_worker.event_key_hash($1) ORDER BY applied_at",
+        )
+        .bind(&key)
+        .fetch_all(&app.pool)
+        .await
+        .ok()?;
+        (outcomes.len() == 2).then(|| outcomes[1].0.clone())
+    })
+    .await;
+    assert!(late.contains("removed after EVENT_RETENTION"), "{late}");
+    assert_eq!(calls_of(&app.pool, b).await[0].transcript.as_deref(), Some(text));
+    let (segments,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM webhook_worker.transcript_segments").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(segments, 0);
+    app.stop().await;
+}

@@ -165,17 +165,20 @@ pub async fn apply_realtime(
     // The call's lock first: two workers with segments of one call take turns,
     // and the second recomputes with the first one's segment committed.
     writes.call(tx, business, &e.call_sid).await?;
-    record_session(tx, business, e, at).await?;
+    if record_session(tx, business, e, at).await? == SessionState::Pruned {
+        return Ok(Outcome::Ignored(
+            "the session's segments were removed after EVENT_RETENTION; the call's transcript stays as it is",
+        ));
+    }
     if let Some((track, text)) = e.segment() {
         sqlx::query(
-            "INSERT INTO webhook_worker.transcript_segments (business_id, session_sid, sequence_id, call_sid, track, text)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            "INSERT INTO webhook_worker.transcript_segments (business_id, session_sid, sequence_id, outbound, text)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
         .bind(business.0)
         .bind(&e.session_sid)
         .bind(e.sequence_id)
-        .bind(&e.call_sid)
-        .bind(track.as_str())
+        .bind(track == Track::Outbound)
         .bind(text)
         .execute(&mut *tx)
         .await?;
@@ -215,6 +218,13 @@ async fn session_has_text(tx: &mut PgConnection, business: BusinessId, session_s
     .await
 }
 
+/// Whether a session's segments are still kept (see [`prune_segments_before`]).
+#[derive(Debug, PartialEq, Eq)]
+enum SessionState {
+    Kept,
+    Pruned,
+}
+
 /// Creates or updates the session: its earliest time, its labels (only
 /// `transcription-started` carries them), whether it stopped.
 async fn record_session(
@@ -222,14 +232,14 @@ async fn record_session(
     business: BusinessId,
     e: &RealtimeEvent,
     at: NaiveDateTime,
-) -> Result<(), sqlx::Error> {
+) -> Result<SessionState, sqlx::Error> {
     let (started, inbound, outbound) = match &e.kind {
         RealtimeKind::Started { inbound_label, outbound_label } => {
             (true, inbound_label.clone(), outbound_label.clone())
         }
         _ => (false, None, None),
     };
-    sqlx::query(
+    sqlx::query_scalar(
         "INSERT INTO webhook_worker.transcript_sessions
              (business_id, session_sid, call_sid, first_at, inbound_label, outbound_label, stopped)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -237,7 +247,8 @@ async fn record_session(
              first_at = LEAST(transcript_sessions.first_at, EXCLUDED.first_at),
              inbound_label = CASE WHEN $8 THEN EXCLUDED.inbound_label ELSE transcript_sessions.inbound_label END,
              outbound_label = CASE WHEN $8 THEN EXCLUDED.outbound_label ELSE transcript_sessions.outbound_label END,
-             stopped = transcript_sessions.stopped OR EXCLUDED.stopped",
+             stopped = transcript_sessions.stopped OR EXCLUDED.stopped
+         RETURNING segments_pruned",
     )
     .bind(business.0)
     .bind(&e.session_sid)
@@ -247,9 +258,9 @@ async fn record_session(
     .bind(outbound)
     .bind(matches!(e.kind, RealtimeKind::Stopped))
     .bind(started)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+    .fetch_one(&mut *tx)
+    .await
+    .map(|pruned: bool| if pruned { SessionState::Pruned } else { SessionState::Kept })
 }
 
 async fn realtime_pieces(
@@ -265,9 +276,12 @@ async fn realtime_pieces(
     .bind(call_sid)
     .fetch_all(&mut *tx)
     .await?;
-    let rows: Vec<(String, i64, String, String)> = sqlx::query_as(
-        "SELECT session_sid, sequence_id, track, text
-           FROM webhook_worker.transcript_segments WHERE business_id = $1 AND call_sid = $2",
+    // Through the call's sessions: a segment names its session, not its call.
+    let rows: Vec<(String, i64, bool, String)> = sqlx::query_as(
+        "SELECT g.session_sid, g.sequence_id, g.outbound, g.text
+           FROM webhook_worker.transcript_sessions s
+           JOIN webhook_worker.transcript_segments g ON g.business_id = s.business_id AND g.session_sid = s.session_sid
+          WHERE s.business_id = $1 AND s.call_sid = $2",
     )
     .bind(business.0)
     .bind(call_sid)
@@ -275,10 +289,10 @@ async fn realtime_pieces(
     .await?;
     let segments = rows
         .into_iter()
-        .map(|(session_sid, sequence_id, track, text)| Segment {
+        .map(|(session_sid, sequence_id, outbound, text)| Segment {
             session_sid,
             sequence_id,
-            track: if track == "outbound_track" { Track::Outbound } else { Track::Inbound },
+            track: if outbound { Track::Outbound } else { Track::Inbound },
             text,
         })
         .collect();
@@ -522,6 +536,41 @@ async fn newest_intelligence_text(
     .await?;
     let lines: Vec<Line> = rows.into_iter().map(|(index, label, text)| Line { index, label, text }).collect();
     Ok(intelligence_text(&lines))
+}
+
+/// Sessions whose segments one prune statement removes (about ten segments each).
+pub const SESSION_SLICE: i64 = 500;
+
+/// Removes the segments of the Real-Time Transcription sessions first seen before
+/// `cut` and marks those sessions `segments_pruned`, [`SESSION_SLICE`] sessions per
+/// statement; returns how many segments went. The session rows stay (one per call), so
+/// a late duplicate of a pruned session's callback is ignored rather than rebuilding
+/// the call's text from what is left. Rows in `public` are never touched.
+pub async fn prune_segments_before(pool: &sqlx::PgPool, cut: DateTime<Utc>) -> Result<u64, sqlx::Error> {
+    let mut removed = 0;
+    loop {
+        let (sessions, segments): (i64, i64) = sqlx::query_as(
+            "WITH s AS (
+                 UPDATE webhook_worker.transcript_sessions SET segments_pruned = true
+                  WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM webhook_worker.transcript_sessions
+                         WHERE NOT segments_pruned AND seen_at < $1 LIMIT $2))
+                 RETURNING business_id, session_sid),
+             g AS (
+                 DELETE FROM webhook_worker.transcript_segments g USING s
+                  WHERE g.business_id = s.business_id AND g.session_sid = s.session_sid
+                 RETURNING 1)
+             SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM g)",
+        )
+        .bind(cut)
+        .bind(SESSION_SLICE)
+        .fetch_one(pool)
+        .await?;
+        removed += segments as u64;
+        if sessions < SESSION_SLICE {
+            return Ok(removed);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ pub struct Pruned {
     pub keys: u64,
     /// Whether the old (pre-0006) inbox was dropped because all of it had expired.
     pub legacy_dropped: bool,
+    /// Real-Time Transcription segments removed (of sessions that began before the cut).
+    pub segments: u64,
 }
 
 /// Creates the event log's partitions from yesterday to [`DAYS_AHEAD`] days
@@ -97,6 +99,9 @@ pub async fn prune_before(pool: &PgPool, cut: DateTime<Utc>) -> Result<Pruned, s
         sqlx::query_scalar("SELECT webhook_worker.drop_inbox_partitions($1)").bind(cut).fetch_all(&mut *tx).await?;
     pruned.legacy_dropped = drop_expired_legacy(&mut tx, cut).await?;
     tx.commit().await?;
+    // The same cut as the keys: what began before the first UTC day kept.
+    let day_cut = kept_from.and_time(chrono::NaiveTime::MIN).and_utc();
+    pruned.segments = crate::workers::transcripts::prune_segments_before(pool, day_cut).await?;
     Ok(pruned)
 }
 
@@ -131,8 +136,8 @@ pub async fn maintain(pool: PgPool, retention: Duration, interval: Duration, shu
         match upkeep(&pool, retention).await {
             Ok(p) => {
                 metrics::gauge!(PRUNE_LAST_SUCCESS).set(Utc::now().timestamp() as f64);
-                if !p.days.is_empty() || p.keys > 0 || p.legacy_dropped {
-                    info!(days = ?p.days, keys = p.keys, legacy_dropped = p.legacy_dropped, kept_from = ?p.kept_from, "pruned expired events");
+                if !p.days.is_empty() || p.keys > 0 || p.legacy_dropped || p.segments > 0 {
+                    info!(days = ?p.days, keys = p.keys, segments = p.segments, legacy_dropped = p.legacy_dropped, kept_from = ?p.kept_from, "pruned expired events");
                 }
             }
             Err(e) => warn!(error = %e, "inbox upkeep failed; trying again at the next round"),

@@ -301,13 +301,14 @@ impl TestApp {
         req.send().await.expect("request reaches the ingress")
     }
 
-    /// Polls until `probe` yields a value, or fails the test after 15 s.
+    /// Polls until `probe` yields a value, or fails the test after 30 s (a loaded
+    /// 2-core CI machine has taken more than 15 s to settle a handful of events).
     pub async fn eventually<T, F, Fut>(&self, what: &str, mut probe: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(v) = probe().await {
                 return v;
