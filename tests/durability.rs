@@ -68,6 +68,7 @@ async fn broker_down_at_the_ingress_events_wait_in_the_outbox_and_are_applied_on
         assert_eq!(post(&app, b, &params).await.status(), 204, "accepted while the broker is down");
     }
     assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.outbox").await, 4, "kept in the outbox");
+    // A window to show an absence (the relay retries meanwhile); no condition can show one.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(calls_of(&app.pool, b).await.is_empty(), "nothing applied while the broker is away");
 
@@ -226,6 +227,7 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_loses_nothing_answere
     // A new worker drains whatever the stopped one had not taken.
     let worker = app.start_another(Role::Work).await;
     app.settled(answered).await;
+    // A window to show an absence (no event applied twice); no condition can show one.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let applied = count(&app, "SELECT count(*) FROM webhook_worker.inbox").await;
     assert_eq!(applied, answered, "every 2xx is applied, once");

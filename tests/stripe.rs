@@ -705,7 +705,7 @@ async fn without_a_secret_the_endpoint_is_not_configured() {
     let event = Sub::new("sub_nc", "cus_nc", "active").basil("evt_nc", "customer.subscription.created", T0);
     let (status, json) = post_signed(&app, SECRET, &event).await;
     assert_eq!((status, &json["error"]), (404, &json!("not_configured")));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Refused before anything was published or logged: nothing is on its way.
     assert_eq!(inbox_outcome(&app, "evt_nc").await, None);
     assert_eq!(all_rows(&app).await, 0);
     app.stop().await;
@@ -739,7 +739,17 @@ async fn the_user_lock_makes_a_second_writer_wait_and_update() {
         tx2.commit().await.unwrap();
         outcome
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The second transaction is seen waiting on a lock in Postgres itself.
+    app.eventually("the second writer waiting on a lock", || async {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .ok()?;
+        (waiting > 0).then_some(())
+    })
+    .await;
     assert!(!waiting.is_finished(), "the second writer waits for the user's lock");
     tx1.commit().await.unwrap();
     assert_eq!(waiting.await.unwrap(), Outcome::Applied);
