@@ -86,20 +86,30 @@ impl Topology {
     }
 
     async fn declare_family(&self, ch: &Channel, f: Family) -> lapin::Result<()> {
+        self.declare_lane(ch, f.as_str(), &self.retry_delays).await
+    }
+
+    /// Declares one lane of the topology, an event family's or the notices': the
+    /// work queue `{p}.{name}` (bound by `name`), its dead queue `{p}.{name}.dead`
+    /// and a delay queue `{p}.{name}.retry.{ms}` per delay (bound by `name.ms`,
+    /// dead-lettering back to the work queue). The exchanges must exist.
+    pub(crate) async fn declare_lane(&self, ch: &Channel, name: &str, delays: &[Duration]) -> lapin::Result<()> {
+        let (p, events) = (&self.prefix, self.events_exchange());
         let mut work = quorum_args();
         work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
         work.insert("x-dead-letter-exchange".into(), long(self.dead_exchange()));
-        declare_bound(ch, &self.work_queue(f), work, &self.events_exchange(), f.as_str()).await?;
+        declare_bound(ch, &format!("{p}.{name}"), work, &events, name).await?;
 
-        declare_bound(ch, &self.dead_queue(f), quorum_args(), &self.dead_exchange(), f.as_str()).await?;
+        declare_bound(ch, &format!("{p}.{name}.dead"), quorum_args(), &self.dead_exchange(), name).await?;
 
-        for delay in &self.retry_delays {
+        for delay in delays {
+            let ms = delay.as_millis();
             let mut args = quorum_args();
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
-            args.insert("x-dead-letter-exchange".into(), long(self.events_exchange()));
-            args.insert("x-dead-letter-routing-key".into(), long(f.as_str().to_string()));
-            let key = Self::retry_routing_key(f, *delay);
-            declare_bound(ch, &self.retry_queue(f, *delay), args, &self.retry_exchange(), &key).await?;
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms as i64));
+            args.insert("x-dead-letter-exchange".into(), long(events.clone()));
+            args.insert("x-dead-letter-routing-key".into(), long(name.to_string()));
+            declare_bound(ch, &format!("{p}.{name}.retry.{ms}"), args, &self.retry_exchange(), &format!("{name}.{ms}"))
+                .await?;
         }
         Ok(())
     }

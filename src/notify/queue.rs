@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use lapin::Channel;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 
 use crate::bus::{Broker, BusError, Topology};
 
@@ -72,58 +72,9 @@ impl NoticeQueues {
         Ok(q?.message_count())
     }
 
-    /// Declares the queues and bindings (the exchanges are the event topology's).
+    /// Declares the queues and bindings (the exchanges are the event topology's):
+    /// a lane like an event family's, named `notices`.
     pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
-        let mut work = quorum_args();
-        work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(crate::bus::topology::DELIVERY_LIMIT));
-        work.insert("x-dead-letter-exchange".into(), long(self.dead_exchange()));
-        declare_bound(ch, &self.work_queue(), work, &self.events_exchange(), ROUTING_KEY).await?;
-        declare_bound(ch, &self.dead_queue(), quorum_args(), &self.dead_exchange(), ROUTING_KEY).await?;
-        for delay in &self.delays {
-            let mut args = quorum_args();
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
-            args.insert("x-dead-letter-exchange".into(), long(self.events_exchange()));
-            args.insert("x-dead-letter-routing-key".into(), long(ROUTING_KEY.to_string()));
-            let key = Self::retry_routing_key(*delay);
-            declare_bound(ch, &self.retry_queue(*delay), args, &self.retry_exchange(), &key).await?;
-        }
-        Ok(())
-    }
-}
-
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long("quorum".into()));
-    args.insert("x-dead-letter-strategy".into(), long("at-least-once".into()));
-    args.insert("x-overflow".into(), long("reject-publish".into()));
-    args
-}
-
-fn long(s: String) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
-}
-
-async fn declare_bound(ch: &Channel, queue: &str, args: FieldTable, exchange: &str, key: &str) -> lapin::Result<()> {
-    let opts = QueueDeclareOptions { durable: true, ..Default::default() };
-    ch.queue_declare(ShortString::from(queue), opts, args).await?;
-    ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default()).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_wait_goes_to_the_delay_queue_that_covers_it() {
-        let q = NoticeQueues {
-            prefix: "p".into(),
-            delays: vec![Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(120)],
-        };
-        assert_eq!(q.delay_for(Duration::from_secs(5)), Duration::from_secs(5));
-        assert_eq!(q.delay_for(Duration::from_secs(1)), Duration::from_secs(5));
-        assert_eq!(q.delay_for(Duration::from_secs(31)), Duration::from_secs(120));
-        assert_eq!(q.delay_for(Duration::from_secs(9999)), Duration::from_secs(120));
-        assert_eq!(q.retry_queue(Duration::from_secs(30)), "p.notices.retry.30000");
-        assert_eq!(q.all_queues().len(), 5);
+        Topology::new(&self.prefix, &[]).declare_lane(ch, ROUTING_KEY, &self.delays).await
     }
 }
