@@ -47,6 +47,7 @@ use micro8gents::config::{Config, DEFAULT_AMQP_URL};
 use micro8gents::events::transcription as tr;
 use micro8gents::events::twilio::{self as tw, Params};
 use micro8gents::events::{BusinessId, Envelope, Event};
+use micro8gents::notify::queue::NoticeQueues;
 use micro8gents::store;
 use micro8gents::verify::twilio::{Algorithm, compute_signature};
 use micro8gents::verify::{standard_webhooks, stripe};
@@ -103,6 +104,9 @@ struct Args {
     /// Messages for the broker ceiling (0: as many as the workload has events).
     #[arg(long, default_value_t = 0)]
     ceiling_messages: usize,
+    /// Leave the bench's database in place afterwards (to look at what the run stored).
+    #[arg(long)]
+    keep_database: bool,
     /// Give up waiting for Postgres after this many seconds without progress.
     #[arg(long, default_value_t = 60)]
     stall_secs: u64,
@@ -178,8 +182,13 @@ async fn main() -> anyhow::Result<()> {
         Ok(cfg) => run(&args, &cfg, &vars).await,
         Err(e) => Err(e.into()),
     };
-    let delays = Config::from_vars(&vars).map(|c| c.retry_delays).unwrap_or_default();
-    cleanup(&db_name, &prefix, &Topology::new(&prefix, &delays)).await;
+    let (delays, notice_delays) =
+        Config::from_vars(&vars).map(|c| (c.retry_delays, c.notify_retry_delays)).unwrap_or_default();
+    let topo = Topology::new(&prefix, &delays);
+    // The notices' lanes too: a bench that left them would leave 8 idle quorum queues a run.
+    let mut queues = topo.all_queues();
+    queues.extend(NoticeQueues::new(&topo, &notice_delays).all_queues());
+    cleanup(&db_name, &prefix, &queues, &topo.all_exchanges(), args.keep_database).await;
     result
 }
 
@@ -619,11 +628,20 @@ fn expected_transcript(segments: usize) -> String {
 
 const RECORD_TRANSCRIPT: &str = "Hi, I would like to book a cleaning next Tuesday afternoon if you have a slot.";
 
+/// Call `i`'s SID of a kind (`CA`, `GT`, `RE`, `TR`): 32 hex digits that look
+/// random, as Twilio's do. A counter (`CA000…01`) would compress and index far
+/// better than real SIDs and flatter the storage and insert figures.
+fn twilio_sid(prefix: &str, i: usize) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{prefix}{i}").as_bytes());
+    format!("{prefix}{}", hex::encode(&digest[..16]))
+}
+
 /// A call's callbacks, each with its endpoint, in the order Twilio sends them:
 /// initiated, ringing, in-progress, the Real-Time session (started, `segments`
 /// final segments, stopped; none if 0), completed, recording, transcription.
 fn call_params(i: usize, segments: usize) -> Vec<(&'static str, Vec<(String, String)>)> {
-    let sid = format!("CA{i:032x}");
+    let sid = twilio_sid("CA", i);
     let status = |s: &str, seq: usize| {
         let mut p = vec![
             ("AccountSid", "AC00000000000000000000000000000000".to_string()),
@@ -642,7 +660,7 @@ fn call_params(i: usize, segments: usize) -> Vec<(&'static str, Vec<(String, Str
         }
         owned(p)
     };
-    let gt = format!("GT{i:032x}");
+    let gt = twilio_sid("GT", i);
     let session = segments + 2;
     let realtime = |seq: usize, event: &str| {
         // During the conversation, between in-progress (12:00:20) and completed (12:00:30).
@@ -692,9 +710,9 @@ fn call_params(i: usize, segments: usize) -> Vec<(&'static str, Vec<(String, Str
             owned(vec![
                 ("AccountSid", "AC00000000000000000000000000000000".into()),
                 ("CallSid", sid.clone()),
-                ("RecordingSid", format!("RE{i:032x}")),
+                ("RecordingSid", twilio_sid("RE", i)),
                 ("RecordingStatus", "completed".into()),
-                ("RecordingUrl", format!("https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/RE{i:032x}")),
+                ("RecordingUrl", format!("https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/{}", twilio_sid("RE", i))),
                 ("RecordingDuration", "120".into()),
             ]),
         ),
@@ -703,7 +721,7 @@ fn call_params(i: usize, segments: usize) -> Vec<(&'static str, Vec<(String, Str
             owned(vec![
                 ("AccountSid", "AC00000000000000000000000000000000".into()),
                 ("CallSid", sid.clone()),
-                ("TranscriptionSid", format!("TR{i:032x}")),
+                ("TranscriptionSid", twilio_sid("TR", i)),
                 ("TranscriptionStatus", "completed".into()),
                 ("TranscriptionText", RECORD_TRANSCRIPT.into()),
             ]),
@@ -1248,19 +1266,21 @@ async fn check_rows(pool: &PgPool, e: &Expect) -> anyhow::Result<Check> {
     })
 }
 
-async fn cleanup(db_name: &str, prefix: &str, topo: &Topology) {
+async fn cleanup(db_name: &str, prefix: &str, queues: &[String], exchanges: &[String], keep_database: bool) {
     if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
-            let mut queues = topo.all_queues();
-            queues.push(format!("{prefix}.ceiling"));
-            for q in queues {
+            for q in queues.iter().cloned().chain([format!("{prefix}.ceiling")]) {
                 let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
             }
-            for x in topo.all_exchanges() {
+            for x in exchanges {
                 let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
             }
         }
         let _ = conn.close(200, "bench done".into()).await;
+    }
+    if keep_database {
+        println!("bench: kept database {db_name}; removed the {prefix}.* queues and exchanges");
+        return;
     }
     if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
         let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
