@@ -712,7 +712,10 @@ fn call_params(i: usize, segments: usize) -> Vec<(&'static str, Vec<(String, Str
                 ("CallSid", sid.clone()),
                 ("RecordingSid", twilio_sid("RE", i)),
                 ("RecordingStatus", "completed".into()),
-                ("RecordingUrl", format!("https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/{}", twilio_sid("RE", i))),
+                (
+                    "RecordingUrl",
+                    format!("https://api.twilio.com/2010-04-01/Accounts/AC00/Recordings/{}", twilio_sid("RE", i)),
+                ),
                 ("RecordingDuration", "120".into()),
             ]),
         ),

@@ -217,11 +217,14 @@ async fn out_of_order_and_duplicated_segments_of_two_sessions_end_the_same() {
                     Customer: Is Tuesday free?\nAgent: Tuesday at 3 works.";
     transcript_becomes(&app, b, expected).await;
     app.settled(7).await;
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM webhook_worker.transcript_segments WHERE business_id = $1")
-        .bind(b)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM webhook_worker.transcript_segments g
+           JOIN webhook_worker.transcript_sessions s ON s.id = g.session_id WHERE s.business_id = $1",
+    )
+    .bind(b)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(n, 4);
     app.stop().await;
 }
@@ -638,4 +641,78 @@ async fn pruned_segments_leave_the_transcript_and_a_late_duplicate_changes_nothi
         sqlx::query_as("SELECT count(*) FROM webhook_worker.transcript_segments").fetch_one(&app.pool).await.unwrap();
     assert_eq!(segments, 0);
     app.stop().await;
+}
+
+/// A deployment that kept segments under their session's SID (migration 0009)
+/// keeps every one of them under the session's number after migrating.
+#[tokio::test]
+async fn segments_kept_by_session_sid_move_under_the_session_number() {
+    use sqlx::Connection;
+    let name = format!("m8_test_segments_{}", uuid::Uuid::new_v4().simple());
+    let admin = common::admin_url();
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path(&name);
+    let vars = std::collections::HashMap::from([("DATABASE_URL".to_string(), url.to_string())]);
+    let cfg = micro8gents::config::Config::from_vars(&vars).unwrap();
+
+    let mut db = sqlx::PgConnection::connect(url.as_str()).await.unwrap();
+    sqlx::query("CREATE SCHEMA webhook_worker").execute(&mut db).await.unwrap();
+    sqlx::query("SET search_path TO webhook_worker").execute(&mut db).await.unwrap();
+    let migrator = sqlx::migrate::Migrator::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))
+        .await
+        .unwrap();
+    migrator.run_to(9, &mut db).await.unwrap();
+    // Two businesses whose sessions happen to share a SID: each keeps its own segments.
+    for (business, texts) in [(7, ["Hello", "Hi there"]), (8, ["Other", "Business"])] {
+        sqlx::query(
+            "INSERT INTO webhook_worker.transcript_sessions (business_id, session_sid, call_sid, first_at)
+             VALUES ($1, $2, $3, now())",
+        )
+        .bind(business)
+        .bind(GT_A)
+        .bind(CALL)
+        .execute(&mut db)
+        .await
+        .unwrap();
+        for (seq, text) in texts.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO webhook_worker.transcript_segments (sequence_id, business_id, outbound, session_sid, text)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(seq as i64 + 2)
+            .bind(business)
+            .bind(seq == 1)
+            .bind(GT_A)
+            .bind(*text)
+            .execute(&mut db)
+            .await
+            .unwrap();
+        }
+    }
+    db.close().await.unwrap();
+
+    micro8gents::store::migrate(&cfg).await.unwrap();
+    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let rows: Vec<(i32, String, i64, bool, String)> = sqlx::query_as(
+        "SELECT s.business_id, s.session_sid, g.sequence_id, g.outbound, g.text
+           FROM webhook_worker.transcript_segments g JOIN webhook_worker.transcript_sessions s ON s.id = g.session_id
+          ORDER BY 1, 3",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let row = |b: i32, seq: i64, out: bool, text: &str| (b, GT_A.to_string(), seq, out, text.to_string());
+    assert_eq!(
+        rows,
+        vec![
+            row(7, 2, false, "Hello"),
+            row(7, 3, true, "Hi there"),
+            row(8, 2, false, "Other"),
+            row(8, 3, true, "Business")
+        ]
+    );
+    pool.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut conn).await.unwrap();
 }

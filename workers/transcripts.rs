@@ -165,18 +165,20 @@ pub async fn apply_realtime(
     // The call's lock first: two workers with segments of one call take turns,
     // and the second recomputes with the first one's segment committed.
     writes.call(tx, business, &e.call_sid).await?;
-    if record_session(tx, business, e, at).await? == SessionState::Pruned {
-        return Ok(Outcome::Ignored(
-            "the session's segments were removed after EVENT_RETENTION; the call's transcript stays as it is",
-        ));
-    }
+    let session = match record_session(tx, business, e, at).await? {
+        SessionState::Kept(id) => id,
+        SessionState::Pruned => {
+            return Ok(Outcome::Ignored(
+                "the session's segments were removed after EVENT_RETENTION; the call's transcript stays as it is",
+            ));
+        }
+    };
     if let Some((track, text)) = e.segment() {
         sqlx::query(
-            "INSERT INTO webhook_worker.transcript_segments (business_id, session_sid, sequence_id, outbound, text)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            "INSERT INTO webhook_worker.transcript_segments (session_id, sequence_id, outbound, text)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
-        .bind(business.0)
-        .bind(&e.session_sid)
+        .bind(session)
         .bind(e.sequence_id)
         .bind(track == Track::Outbound)
         .bind(text)
@@ -184,7 +186,7 @@ pub async fn apply_realtime(
         .await?;
     }
     let with_text = match e.kind {
-        RealtimeKind::Stopped => Some(session_has_text(tx, business, &e.session_sid).await?),
+        RealtimeKind::Stopped => Some(session_has_text(tx, session).await?),
         _ => None,
     };
     let call = writes.call(tx, business, &e.call_sid).await?;
@@ -208,20 +210,18 @@ pub(super) async fn recompute_realtime(
     Ok(realtime_text(&sessions, &segments))
 }
 
-async fn session_has_text(tx: &mut PgConnection, business: BusinessId, session_sid: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM webhook_worker.transcript_segments WHERE business_id = $1 AND session_sid = $2)",
-    )
-    .bind(business.0)
-    .bind(session_sid)
-    .fetch_one(&mut *tx)
-    .await
+async fn session_has_text(tx: &mut PgConnection, session: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM webhook_worker.transcript_segments WHERE session_id = $1)")
+        .bind(session)
+        .fetch_one(&mut *tx)
+        .await
 }
 
-/// Whether a session's segments are still kept (see [`prune_segments_before`]).
+/// Whether a session's segments are still kept (see [`prune_segments_before`]), and
+/// the session's number, which its segments carry.
 #[derive(Debug, PartialEq, Eq)]
 enum SessionState {
-    Kept,
+    Kept(i64),
     Pruned,
 }
 
@@ -239,7 +239,7 @@ async fn record_session(
         }
         _ => (false, None, None),
     };
-    sqlx::query_scalar(
+    sqlx::query_as(
         "INSERT INTO webhook_worker.transcript_sessions
              (business_id, session_sid, call_sid, first_at, inbound_label, outbound_label, stopped)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -248,7 +248,7 @@ async fn record_session(
              inbound_label = CASE WHEN $8 THEN EXCLUDED.inbound_label ELSE transcript_sessions.inbound_label END,
              outbound_label = CASE WHEN $8 THEN EXCLUDED.outbound_label ELSE transcript_sessions.outbound_label END,
              stopped = transcript_sessions.stopped OR EXCLUDED.stopped
-         RETURNING segments_pruned",
+         RETURNING id, segments_pruned",
     )
     .bind(business.0)
     .bind(&e.session_sid)
@@ -260,7 +260,7 @@ async fn record_session(
     .bind(started)
     .fetch_one(&mut *tx)
     .await
-    .map(|pruned: bool| if pruned { SessionState::Pruned } else { SessionState::Kept })
+    .map(|(id, pruned): (i64, bool)| if pruned { SessionState::Pruned } else { SessionState::Kept(id) })
 }
 
 async fn realtime_pieces(
@@ -278,9 +278,9 @@ async fn realtime_pieces(
     .await?;
     // Through the call's sessions: a segment names its session, not its call.
     let rows: Vec<(String, i64, bool, String)> = sqlx::query_as(
-        "SELECT g.session_sid, g.sequence_id, g.outbound, g.text
+        "SELECT s.session_sid, g.sequence_id, g.outbound, g.text
            FROM webhook_worker.transcript_sessions s
-           JOIN webhook_worker.transcript_segments g ON g.business_id = s.business_id AND g.session_sid = s.session_sid
+           JOIN webhook_worker.transcript_segments g ON g.session_id = s.id
           WHERE s.business_id = $1 AND s.call_sid = $2",
     )
     .bind(business.0)
@@ -555,10 +555,10 @@ pub async fn prune_segments_before(pool: &sqlx::PgPool, cut: DateTime<Utc>) -> R
                   WHERE ctid = ANY(ARRAY(
                         SELECT ctid FROM webhook_worker.transcript_sessions
                          WHERE NOT segments_pruned AND seen_at < $1 LIMIT $2))
-                 RETURNING business_id, session_sid),
+                 RETURNING id),
              g AS (
                  DELETE FROM webhook_worker.transcript_segments g USING s
-                  WHERE g.business_id = s.business_id AND g.session_sid = s.session_sid
+                  WHERE g.session_id = s.id
                  RETURNING 1)
              SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM g)",
         )

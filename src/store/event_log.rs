@@ -114,7 +114,12 @@ mod tests {
         let mut old = Compressor::with_dictionary(LEVEL, DICT1).unwrap();
         let with_1 = old.compress(SEGMENT.as_bytes()).unwrap().len();
         let stored = EnvelopePacker::new().unwrap().pack(SEGMENT.as_bytes());
-        assert!(stored.len() + 30 < with_1 + 1, "dictionary 2: {} bytes, dictionary 1: {} bytes", stored.len(), with_1 + 1);
+        assert!(
+            stored.len() + 30 < with_1 + 1,
+            "dictionary 2: {} bytes, dictionary 1: {} bytes",
+            stored.len(),
+            with_1 + 1
+        );
         assert_eq!(unpack(&stored).unwrap(), SEGMENT.as_bytes());
     }
 
