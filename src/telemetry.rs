@@ -27,6 +27,8 @@ pub const APPLY_DURATION: &str = "micro8gents_apply_duration_seconds";
 pub const BATCHES: &str = "micro8gents_batches_total";
 pub const EVENTS_APPLIED: &str = "micro8gents_events_applied_total";
 pub const EVENTS_IGNORED: &str = "micro8gents_events_ignored_total";
+/// Events put back into their lane's next batch because another worker's transaction held their call.
+pub const EVENTS_DEFERRED: &str = "micro8gents_events_deferred_total";
 pub const EVENTS_RETRIED: &str = "micro8gents_events_retried_total";
 pub const EVENTS_DEAD_LETTERED: &str = "micro8gents_events_dead_lettered_total";
 pub const DLQ_DEPTH: &str = "micro8gents_dlq_messages";

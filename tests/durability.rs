@@ -234,3 +234,49 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_loses_nothing_answere
     worker.stop().await;
     app.stop().await;
 }
+
+/// A call whose state row another transaction holds (another `work` process in
+/// the middle of its batch) does not hold up the other calls of the batch: they
+/// are applied at once, and the held call's event follows when the row is free,
+/// once.
+#[tokio::test]
+async fn a_call_held_by_another_worker_does_not_hold_up_the_rest_of_the_batch() {
+    let app = TestApp::spawn_with(|v| {
+        // One lane, and time for the callbacks below to land in one batch.
+        v.insert("WORKER_CONCURRENCY".into(), "1".into());
+        v.insert("BATCH_WAIT".into(), "200ms".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    let (held, free) = (call(1), call(2));
+    assert_eq!(post(&app, b, &held[0]).await.status(), 204);
+    app.settled(1).await;
+
+    let mut other = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM webhook_worker.twilio_calls WHERE business_id = $1 FOR UPDATE")
+        .bind(b)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    for params in [&held[3], &free[0], &free[1], &free[2], &free[3]] {
+        assert_eq!(post(&app, b, params).await.status(), 204);
+    }
+    app.eventually("the free call completed while the other is held", || async {
+        let rows = calls_of(&app.pool, b).await;
+        (rows.len() == 2 && rows[1].status == "completed").then_some(())
+    })
+    .await;
+    assert_eq!(calls_of(&app.pool, b).await[0].status, "in-progress", "the held call waits");
+
+    other.rollback().await.unwrap();
+    app.eventually("the held call's callback applied", || async {
+        (calls_of(&app.pool, b).await[0].status == "completed").then_some(())
+    })
+    .await;
+    assert_calls_completed(&app, b, 2).await;
+    app.settled(6).await;
+    app.quiet().await;
+    assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.inbox").await, 6, "each callback once");
+    assert_eq!(app.ready(Family::Calls).await, 0);
+    app.stop().await;
+}

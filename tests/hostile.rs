@@ -78,8 +78,10 @@ async fn megabyte_n8n_requests_with_thousands_of_tags_cost_no_mac_while_signed_p
         assert_eq!((*status, body["error"].as_str()), (401, Some("malformed_signature")), "{body}");
     }
     assert!(signed.iter().all(|s| *s == 202), "{signed:?}");
-    // The eight signed pushes cost one MAC each; the hostile ones none at all.
-    assert_eq!(macs_computed() - before, 8);
+    // The eight signed pushes cost one MAC each (two if one is checked again against a
+    // fresh read of the secret); the hostile ones none at all (else thousands).
+    let macs = macs_computed() - before;
+    assert!((8..=16).contains(&macs), "{macs} MACs for 8 signed pushes and 4 hostile ones");
 
     // Within the caps (16 well-formed but wrong tags): one MAC per secret per check, and
     // at most one re-check against a fresh read, whatever the number of tags.

@@ -126,7 +126,7 @@ async fn apply_claimed<A: Applier>(
     }
     let outcome = A::apply(tx, &mut writes.family, env).await?;
     match &outcome {
-        Outcome::Retry(_) | Outcome::Park(_) => inbox::release(tx, &env.key).await?,
+        Outcome::Retry(_) | Outcome::Park(_) | Outcome::Later => inbox::release(tx, &env.key).await?,
         Outcome::Ignored(why) => writes.log(env, format!("ignored: {why}")),
         Outcome::Applied | Outcome::Flagged(_) => writes.log(env, "applied".to_string()),
         Outcome::Duplicate => {}

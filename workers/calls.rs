@@ -12,6 +12,7 @@ use sqlx::PgConnection;
 use super::transcripts::{self, Source};
 use super::{Applier, ApplyError, Outcome};
 use crate::events::BusinessId;
+use crate::events::transcription::RealtimeKind;
 use crate::events::twilio::{CallStatus, CallStatusEvent, RecordingEvent, TranscriptionEvent};
 use crate::events::{Envelope, Event, Family};
 use crate::notify::record::{Change, record as record_notice};
@@ -118,6 +119,11 @@ impl Applier for Calls {
 
     async fn apply(tx: &mut PgConnection, writes: &mut CallWrites, env: &Envelope) -> Result<Outcome, ApplyError> {
         let at = env.received_at;
+        if let (Some(b), Some(call)) = (env.business_id, call_of(&env.event))
+            && writes.is_busy(b, call)
+        {
+            return Ok(Outcome::Later);
+        }
         match &env.event {
             Event::TwilioCallStatus(e) => apply_status(tx, writes, super::business_of(env)?, e, at).await,
             Event::TwilioRecording(e) => apply_recording(tx, writes, super::business_of(env)?, e, at).await,
@@ -249,6 +255,8 @@ pub async fn apply_transcription(
 #[derive(Debug, Default)]
 pub struct CallWrites {
     calls: Vec<PendingCall>,
+    /// Calls another transaction held when this one tried to lock them.
+    busy: Vec<(BusinessId, String)>,
     /// Twilio's REST API, for Intelligence transcripts; `None` where the worker has none.
     pub twilio: Option<std::sync::Arc<crate::twilio_api::TwilioApi>>,
 }
@@ -333,10 +341,17 @@ impl CallWrites {
         Ok(&mut self.calls[i])
     }
 
-    /// Locks every call that `calls` names, in two statements at most for the
-    /// whole batch instead of one per call (see [`lock_calls`]); a call this
-    /// transaction has already locked is skipped. Later [`CallWrites::call`]s
-    /// of these calls cost no round trip.
+    /// Whether another transaction held the call when [`CallWrites::lock_all`] ran.
+    pub fn is_busy(&self, business: BusinessId, call_sid: &str) -> bool {
+        self.busy.iter().any(|(b, s)| *b == business && s == call_sid)
+    }
+
+    /// Locks every call that `calls` names that no other transaction holds, in two
+    /// statements at most for the whole batch instead of one per call (see
+    /// [`lock_calls`]); a call this transaction has already locked is skipped, and
+    /// one another transaction holds is remembered as busy (its events are
+    /// [`Outcome::Later`]). Later [`CallWrites::call`]s of the locked calls cost
+    /// no round trip.
     pub async fn lock_all(&mut self, tx: &mut PgConnection, calls: &[(BusinessId, &str)]) -> Result<(), sqlx::Error> {
         let mut wanted: Vec<(BusinessId, &str)> = calls
             .iter()
@@ -348,7 +363,13 @@ impl CallWrites {
         if wanted.is_empty() {
             return Ok(());
         }
-        for (business, call_sid, locked) in lock_calls(tx, &wanted).await? {
+        let locked = lock_calls(tx, &wanted).await?;
+        for (business, call_sid) in &wanted {
+            if !locked.iter().any(|(b, s, _)| b == business && s == call_sid) {
+                self.busy.push((*business, call_sid.to_string()));
+            }
+        }
+        for (business, call_sid, locked) in locked {
             self.calls.push(PendingCall {
                 business,
                 call_sid,
@@ -386,10 +407,13 @@ impl CallWrites {
     }
 }
 
-/// The call a Twilio event will surely lock and write, if it is one whose
-/// call is known before it is applied: a status callback (of an answered leg,
-/// its parent) and a completed recording. Other events (transcripts) lock
-/// their call when they are applied, as before.
+/// The call a Twilio event will surely lock, if it is one whose call is known
+/// before it is applied: a status callback (of an answered leg, its parent), a
+/// completed recording or `<Record transcribe>` transcription, and a Real-Time
+/// Transcription event other than an error or a partial result. The batch locks
+/// them all at once, and an event whose call another worker holds waits for the
+/// next batch. An Intelligence transcript (its call is read from Twilio's API)
+/// locks its call when it is applied.
 pub fn call_of(event: &Event) -> Option<&str> {
     match event {
         Event::TwilioCallStatus(e) => match &e.parent_call_sid {
@@ -397,6 +421,11 @@ pub fn call_of(event: &Event) -> Option<&str> {
             Some(parent) => leg_was_answered(e.status).then_some(parent.as_str()),
         },
         Event::TwilioRecording(e) => (e.url.is_some() && e.status == "completed").then_some(e.call_sid.as_str()),
+        Event::TwilioTranscription(e) => (e.text.is_some() && e.status == "completed").then_some(e.call_sid.as_str()),
+        Event::TwilioRealtime(e) => match &e.kind {
+            RealtimeKind::Error { .. } | RealtimeKind::Content { is_final: false, .. } => None,
+            _ => Some(e.call_sid.as_str()),
+        },
         _ => None,
     }
 }
@@ -470,13 +499,16 @@ async fn lock_call(tx: &mut PgConnection, business: BusinessId, call_sid: &str) 
 
 type LockedRow = (i32, String, Option<i32>, Option<i64>, bool, bool, Option<NaiveDateTime>, Option<String>);
 
-/// Locks the state rows of `calls` (sorted, distinct) until the transaction
-/// ends: the ones that exist with one `SELECT ... FOR UPDATE` (taken in
-/// `(business_id, call_sid)` byte order, the order every batch is sorted in, so
-/// two workers cannot deadlock on them), then the ones still missing with one
-/// `INSERT ... ON CONFLICT DO UPDATE` (which also locks a row another worker
-/// inserted meanwhile). Locking an existing row this way writes nothing, where
-/// the upsert would write a new version of it.
+/// Locks the state rows of `calls` (sorted, distinct) that no other transaction
+/// holds, until the transaction ends: the ones that exist with one `SELECT ...
+/// FOR UPDATE SKIP LOCKED`, then the ones that do not exist yet with one `INSERT
+/// ... ON CONFLICT DO NOTHING` (rows that exist but are held are left out by
+/// `NOT EXISTS`, since the insert would wait for their holder; it waits only for
+/// a worker inserting the same new call at this moment, in the same
+/// `(business_id, call_sid)` order, so no deadlock). The calls not returned are held by another worker: rather than
+/// wait for its whole batch, their events go into the next batch. Locking an
+/// existing row this way writes nothing, where an upsert would write a new
+/// version of it.
 async fn lock_calls(
     tx: &mut PgConnection,
     calls: &[(BusinessId, &str)],
@@ -489,7 +521,7 @@ async fn lock_calls(
            FROM webhook_worker.twilio_calls m
            JOIN unnest($1::int4[], $2::text[]) AS k(b, s) ON m.business_id = k.b AND m.call_sid = k.s
           ORDER BY m.business_id, m.call_sid COLLATE \"C\"
-            FOR UPDATE OF m",
+            FOR UPDATE OF m SKIP LOCKED",
     )
     .bind(&businesses)
     .bind(&sids)
@@ -500,8 +532,10 @@ async fn lock_calls(
         let (b, s): (Vec<i32>, Vec<&str>) = calls.iter().map(|(b, s)| (b.0, *s)).filter(|k| !found.contains(k)).unzip();
         let new: Vec<LockedRow> = sqlx::query_as(
             "INSERT INTO webhook_worker.twilio_calls (business_id, call_sid)
-             SELECT b, s FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS k(b, s, o) ORDER BY o
-             ON CONFLICT (business_id, call_sid) DO UPDATE SET call_sid = EXCLUDED.call_sid
+             SELECT b, s FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS k(b, s, o)
+              WHERE NOT EXISTS (SELECT 1 FROM webhook_worker.twilio_calls m WHERE m.business_id = k.b AND m.call_sid = k.s)
+              ORDER BY o
+             ON CONFLICT (business_id, call_sid) DO NOTHING
              RETURNING business_id, call_sid, call_id, last_sequence, reached_final, transferred, first_event_at,
                        transcript_source",
         )

@@ -11,7 +11,7 @@ use lapin::{Channel, message::Delivery};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Applier, WorkerContext, apply, settle};
+use super::{Applier, Outcome, WorkerContext, apply, settle};
 use crate::bus::{ATTEMPT_HEADER, BusError, header_int, header_str};
 use crate::events::Envelope;
 use crate::providers::Family;
@@ -62,7 +62,8 @@ async fn consume<A: Applier>(ctx: &Arc<WorkerContext>, shutdown: &CancellationTo
     info!(queue = %queue, lanes, "consuming");
     // A lane that fails (its channel broke) stops the others and the consumer: all reconnect.
     let failed = shutdown.child_token();
-    let acks = Arc::new(Acks::new(ch.clone()));
+    // Past a quarter of the window waiting behind a gap, acks go one by one (see `AckState`).
+    let acks = Arc::new(Acks::new(ch.clone(), usize::from(window / 4).max(1)));
     let mut senders = Vec::with_capacity(lanes);
     let mut tasks = Vec::with_capacity(lanes);
     for _ in 0..lanes {
@@ -131,7 +132,10 @@ fn lane_of(item: &Item, lanes: usize) -> usize {
     (h.finish() % lanes as u64) as usize
 }
 
-/// Takes batches off its share of the deliveries and applies them, one after another.
+/// Takes batches off its share of the deliveries and applies them, one after
+/// another. What a batch leaves for later ([`Outcome::Later`]) starts the next
+/// one, which waits `batch_wait` for company (and for the other worker's commit).
+/// Unacknowledged until applied: if the lane stops first, the broker requeues them.
 async fn lane<A: Applier>(
     ctx: &WorkerContext,
     ch: &Channel,
@@ -139,20 +143,31 @@ async fn lane<A: Applier>(
     mut rx: tokio::sync::mpsc::Receiver<Item>,
     stop: &CancellationToken,
 ) -> Result<(), BusError> {
+    let mut later = Vec::new();
     loop {
-        let first = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            first = rx.recv() => first,
+        let batch = if later.is_empty() {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                first = rx.recv() => first,
+            };
+            let Some(first) = first else { return Ok(()) };
+            fill_batch(ctx, &mut rx, vec![first]).await
+        } else {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            fill_batch(ctx, &mut rx, std::mem::take(&mut later)).await
         };
-        let Some(first) = first else { return Ok(()) };
-        let batch = fill_batch(ctx, &mut rx, first).await;
-        process_batch::<A>(ctx, ch, acks, batch, stop).await?;
+        later = process_batch::<A>(ctx, ch, acks, batch, stop).await?;
     }
 }
 
 /// Takes what is already waiting, up to the batch size or for `batch_wait` at most.
-async fn fill_batch(ctx: &WorkerContext, rx: &mut tokio::sync::mpsc::Receiver<Item>, first: Item) -> Vec<Item> {
-    let mut batch = vec![first];
+async fn fill_batch(
+    ctx: &WorkerContext,
+    rx: &mut tokio::sync::mpsc::Receiver<Item>,
+    mut batch: Vec<Item>,
+) -> Vec<Item> {
     let deadline = tokio::time::Instant::now() + ctx.batch_wait;
     while batch.len() < ctx.batch_size {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -209,13 +224,15 @@ fn of_family(env: Envelope, family: Family) -> Result<Envelope, String> {
 
 impl Item {}
 
+/// Applies a batch, settles and acknowledges what it came to; returns the items
+/// left for the lane's next batch ([`Outcome::Later`]).
 async fn process_batch<A: Applier>(
     ctx: &WorkerContext,
     ch: &Channel,
     acks: &Acks,
     mut items: Vec<Item>,
     shutdown: &CancellationToken,
-) -> Result<(), BusError> {
+) -> Result<Vec<Item>, BusError> {
     // One lock order for every worker: no deadlocks between concurrent batches.
     items.sort_by(|a, b| lock_key(a).cmp(&lock_key(b)));
 
@@ -226,7 +243,7 @@ async fn process_batch<A: Applier>(
         for item in &items {
             ch.basic_nack(item.delivery.delivery_tag, BasicNackOptions { multiple: false, requeue: true }).await?;
         }
-        return Ok(());
+        return Ok(Vec::new());
     };
     let labels = [("family", A::FAMILY.as_str())];
     metrics::histogram!(telemetry::APPLY_DURATION, &labels).record(started.elapsed().as_secs_f64());
@@ -234,13 +251,19 @@ async fn process_batch<A: Applier>(
     for (item, outcome) in items.iter().zip(&outcomes) {
         settle::settle(ctx, A::FAMILY, item, outcome).await?;
     }
-    acks.settled(items.iter().map(|i| i.delivery.delivery_tag)).await
+    let (later, settled): (Vec<_>, Vec<_>) =
+        items.into_iter().zip(outcomes).partition(|(_, outcome)| *outcome == Outcome::Later);
+    acks.settled(settled.iter().map(|(i, _)| i.delivery.delivery_tag)).await?;
+    Ok(later.into_iter().map(|(item, _)| item).collect())
 }
 
 /// Acknowledges a channel's deliveries once every one up to a tag is settled,
 /// with one `multiple` ack: lanes finish out of order, and an ack per message
 /// costs the broker and the worker as much again as the message itself.
 /// (Delivery tags count up from 1 per channel, and the channel has one consumer.)
+/// A message a lane keeps for later ([`Outcome::Later`]) holds a gap open; the
+/// settled ones behind it count against the prefetch window, so once they are
+/// a quarter of it they are acked one by one rather than stall the consumer.
 struct Acks {
     ch: Channel,
     state: tokio::sync::Mutex<AckState>,
@@ -252,18 +275,35 @@ struct AckState {
     upto: u64,
     /// Settled tags above `upto`, waiting for the ones below them.
     done: BTreeSet<u64>,
+    /// Tags above `upto` already acknowledged one by one.
+    acked: BTreeSet<u64>,
+    /// How many may wait in `done` before they are acked one by one.
+    most_waiting: usize,
+}
+
+/// What to acknowledge after some tags settled.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ToAck {
+    /// Every unacknowledged tag up to this one, with `multiple`.
+    upto: Option<u64>,
+    /// Each of these alone.
+    each: Vec<u64>,
 }
 
 impl Acks {
-    fn new(ch: Channel) -> Self {
-        Acks { ch, state: tokio::sync::Mutex::new(AckState::default()) }
+    fn new(ch: Channel, most_waiting: usize) -> Self {
+        Acks { ch, state: tokio::sync::Mutex::new(AckState { most_waiting, ..AckState::default() }) }
     }
 
     async fn settled(&self, tags: impl Iterator<Item = u64>) -> Result<(), BusError> {
         let mut st = self.state.lock().await;
-        if let Some(upto) = st.settle(tags) {
-            // Under the lock, so acks leave in order.
+        let to_ack = st.settle(tags);
+        // Under the lock, so acks leave in order.
+        if let Some(upto) = to_ack.upto {
             self.ch.basic_ack(upto, BasicAckOptions { multiple: true }).await?;
+        }
+        for tag in to_ack.each {
+            self.ch.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
         }
         Ok(())
     }
@@ -282,15 +322,27 @@ impl Acks {
 }
 
 impl AckState {
-    /// Records settled tags; the tag to ack with `multiple` if the settled run from 1 grew.
-    fn settle(&mut self, tags: impl Iterator<Item = u64>) -> Option<u64> {
+    /// Records settled tags; what to acknowledge now: with `multiple`, the last
+    /// unacknowledged tag of the settled run from 1 if it grew, and one by one the
+    /// settled tags behind a gap once there are more than `most_waiting` of them.
+    fn settle(&mut self, tags: impl Iterator<Item = u64>) -> ToAck {
         self.done.extend(tags);
-        let before = self.upto;
-        while self.done.first() == Some(&(self.upto + 1)) {
-            self.done.pop_first();
-            self.upto += 1;
+        let mut to_ack = ToAck::default();
+        loop {
+            let next = self.upto + 1;
+            if self.done.remove(&next) {
+                // A `multiple` ack must name a tag not yet acknowledged.
+                to_ack.upto = Some(next);
+            } else if !self.acked.remove(&next) {
+                break;
+            }
+            self.upto = next;
         }
-        (self.upto > before).then_some(self.upto)
+        if self.done.len() > self.most_waiting {
+            to_ack.each = std::mem::take(&mut self.done).into_iter().collect();
+            self.acked.extend(to_ack.each.iter().copied());
+        }
+        to_ack
     }
 }
 
@@ -308,7 +360,7 @@ fn lock_key(item: &Item) -> (i32, &str, u8, i64) {
 
 #[cfg(test)]
 mod tests {
-    use super::{AckState, MAX_ATTEMPT, attempt_of};
+    use super::{AckState, MAX_ATTEMPT, ToAck, attempt_of};
 
     #[test]
     fn an_attempt_header_out_of_range_is_clamped_not_overflowed() {
@@ -322,14 +374,37 @@ mod tests {
         }
     }
 
+    fn upto(tag: Option<u64>) -> ToAck {
+        ToAck { upto: tag, each: Vec::new() }
+    }
+
     #[test]
     fn acks_wait_for_every_lower_tag_and_never_pass_a_gap() {
-        let mut acks = AckState::default();
-        assert_eq!(acks.settle([3, 4].into_iter()), None, "1 and 2 are still being applied");
-        assert_eq!(acks.settle([1].into_iter()), Some(1));
-        assert_eq!(acks.settle([2, 6].into_iter()), Some(4), "2 closes the gap up to 4; 5 is missing");
-        assert_eq!(acks.settle(std::iter::empty()), None);
-        assert_eq!(acks.settle([5].into_iter()), Some(6));
+        let mut acks = AckState { most_waiting: 100, ..AckState::default() };
+        assert_eq!(acks.settle([3, 4].into_iter()), upto(None), "1 and 2 are still being applied");
+        assert_eq!(acks.settle([1].into_iter()), upto(Some(1)));
+        assert_eq!(acks.settle([2, 6].into_iter()), upto(Some(4)), "2 closes the gap up to 4; 5 is missing");
+        assert_eq!(acks.settle(std::iter::empty()), upto(None));
+        assert_eq!(acks.settle([5].into_iter()), upto(Some(6)));
         assert!(acks.done.is_empty());
+    }
+
+    #[test]
+    fn a_gap_held_open_does_not_hold_the_window_and_no_tag_is_acked_twice() {
+        // Tag 1 is kept for a later batch; 2..=4 settle behind it.
+        let mut acks = AckState { most_waiting: 2, ..AckState::default() };
+        assert_eq!(acks.settle([2, 3].into_iter()), upto(None));
+        assert_eq!(acks.settle([4].into_iter()), ToAck { upto: None, each: vec![2, 3, 4] }, "more than 2 waiting");
+        assert_eq!(acks.settle([6].into_iter()), upto(None));
+        // 1 settles: the run reaches 4 (2..=4 already acked), 5 is missing, so only 1 goes.
+        assert_eq!(acks.settle([1].into_iter()), upto(Some(1)));
+        assert_eq!(acks.upto, 4);
+        // 5 settles: the multiple ack names 6, the last one not yet acknowledged.
+        assert_eq!(acks.settle([5].into_iter()), upto(Some(6)));
+        assert!(acks.done.is_empty() && acks.acked.is_empty());
+        // A run that ends on tags acked one by one names the last one not acked.
+        assert_eq!(acks.settle([9, 10, 11].into_iter()), ToAck { upto: None, each: vec![9, 10, 11] });
+        assert_eq!(acks.settle([7, 8].into_iter()), upto(Some(8)));
+        assert_eq!(acks.upto, 11);
     }
 }

@@ -97,6 +97,11 @@ pub enum Outcome {
     Retry(String),
     /// Can never be applied: parked in the dead-letter queue at once.
     Park(String),
+    /// Not now: another worker's transaction holds its entity (the call). Its key
+    /// goes back and the message, unacknowledged, goes into its lane's next batch
+    /// instead of this batch waiting for that transaction (which, with several
+    /// `work` processes taking one queue, made them take turns for whole batches).
+    Later,
 }
 
 /// Something an operator must hear of about an applied event (a log line, a counter).
@@ -107,7 +112,9 @@ pub trait Report: std::fmt::Debug + Send + Sync {
 impl PartialEq for Outcome {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Outcome::Applied, Outcome::Applied) | (Outcome::Duplicate, Outcome::Duplicate) => true,
+            (Outcome::Applied, Outcome::Applied)
+            | (Outcome::Duplicate, Outcome::Duplicate)
+            | (Outcome::Later, Outcome::Later) => true,
             (Outcome::Flagged(a), Outcome::Flagged(b)) => format!("{a:?}") == format!("{b:?}"),
             (Outcome::Ignored(a), Outcome::Ignored(b)) => a == b,
             (Outcome::Retry(a), Outcome::Retry(b)) | (Outcome::Park(a), Outcome::Park(b)) => a == b,

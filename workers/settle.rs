@@ -3,7 +3,7 @@
 //! dead-letter queue with the reason, each confirmed before the batch is acked.
 
 use tracing::field::{Empty, display};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::consumer::Item;
 use super::{Outcome, WorkerContext};
@@ -38,6 +38,8 @@ pub async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &
             Outcome::Ignored(why) => info!(reason = why, "recorded; changes nothing"),
             Outcome::Retry(reason) => retry_or_park(ctx, family, item, reason).await?,
             Outcome::Park(reason) => park(ctx, family, item, reason).await?,
+            // Kept by its lane for the next batch: nothing is sent or acknowledged.
+            Outcome::Later => debug!("its call is held by another worker; in the lane's next batch"),
         }
         Ok(())
     }
@@ -57,6 +59,7 @@ fn count(item: &Item, outcome: &Outcome) {
         Outcome::Ignored(why) => {
             metrics::counter!(telemetry::EVENTS_IGNORED, "provider" => provider, "reason" => *why).increment(1)
         }
+        Outcome::Later => metrics::counter!(telemetry::EVENTS_DEFERRED, "provider" => provider).increment(1),
         Outcome::Retry(_) | Outcome::Park(_) => {}
     }
 }
