@@ -280,3 +280,46 @@ async fn a_call_held_by_another_worker_does_not_hold_up_the_rest_of_the_batch() 
     assert_eq!(app.ready(Family::Calls).await, 0);
     app.stop().await;
 }
+
+/// An event whose call another transaction keeps holding is not left for later
+/// for ever: after `MOST_DEFERRALS` batches its batch waits for the lock, and
+/// the event is applied once the holder is done.
+#[tokio::test]
+async fn an_event_left_for_later_too_often_waits_for_its_call() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("WORKER_CONCURRENCY".into(), "1".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    let held = call(1);
+    assert_eq!(post(&app, b, &held[0]).await.status(), 204);
+    app.settled(1).await;
+
+    let mut other = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM webhook_worker.twilio_calls WHERE business_id = $1 FOR UPDATE")
+        .bind(b)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    assert_eq!(post(&app, b, &held[3]).await.status(), 204);
+    // Deferred a few times (5 ms apart), then the worker's batch waits on the row lock.
+    app.eventually("the worker waiting for the held call", || async {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .ok()?;
+        (waiting > 0).then_some(())
+    })
+    .await;
+    other.rollback().await.unwrap();
+    app.eventually("the call completed", || async {
+        (calls_of(&app.pool, b).await[0].status == "completed").then_some(())
+    })
+    .await;
+    app.settled(2).await;
+    app.quiet().await;
+    assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.inbox").await, 2, "each callback once");
+    app.stop().await;
+}

@@ -50,13 +50,15 @@ pub async fn apply_all<A: Applier>(
 /// each new event is applied; per-call writes and inbox outcomes are gathered
 /// ([`Deferred`]) and sent once per call and once per batch before the commit.
 async fn apply_in_one_transaction<A: Applier>(ctx: &WorkerContext, items: &[Item]) -> Result<Vec<Outcome>, ApplyError> {
+    // An event left for later too often makes its batch wait for the locks it needs.
+    let wait = items.iter().any(|i| i.deferrals >= super::consumer::MOST_DEFERRALS);
     let mut conn = ctx.pool.acquire().await?;
     let mut tx = conn.begin().await?;
     let envs: Vec<&Envelope> = items.iter().filter_map(|i| i.envelope.as_ref().ok()).collect();
     let mut fresh = inbox::claim_all(&mut tx, &envs).await?;
     let mut writes = Deferred::<A>::new(ctx)?;
     let claimed: Vec<&Envelope> = envs.iter().copied().filter(|env| fresh.contains(env.key.as_str())).collect();
-    A::prepare(&mut tx, &mut writes.family, &claimed).await?;
+    A::prepare(&mut tx, &mut writes.family, &claimed, wait).await?;
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         // The first item of a key claimed it; a second copy in the same batch is a duplicate.

@@ -136,10 +136,15 @@ impl Applier for Calls {
         }
     }
 
-    async fn prepare(tx: &mut PgConnection, writes: &mut CallWrites, fresh: &[&Envelope]) -> Result<(), sqlx::Error> {
+    async fn prepare(
+        tx: &mut PgConnection,
+        writes: &mut CallWrites,
+        fresh: &[&Envelope],
+        wait: bool,
+    ) -> Result<(), sqlx::Error> {
         let calls: Vec<(BusinessId, &str)> =
             fresh.iter().filter_map(|env| Some((env.business_id?, call_of(&env.event)?))).collect();
-        writes.lock_all(tx, &calls).await
+        writes.lock_all(tx, &calls, wait).await
     }
 
     async fn flush(tx: &mut PgConnection, writes: &mut CallWrites) -> Result<(), sqlx::Error> {
@@ -352,7 +357,12 @@ impl CallWrites {
     /// one another transaction holds is remembered as busy (its events are
     /// [`Outcome::Later`]). Later [`CallWrites::call`]s of the locked calls cost
     /// no round trip.
-    pub async fn lock_all(&mut self, tx: &mut PgConnection, calls: &[(BusinessId, &str)]) -> Result<(), sqlx::Error> {
+    pub async fn lock_all(
+        &mut self,
+        tx: &mut PgConnection,
+        calls: &[(BusinessId, &str)],
+        wait: bool,
+    ) -> Result<(), sqlx::Error> {
         let mut wanted: Vec<(BusinessId, &str)> = calls
             .iter()
             .copied()
@@ -363,7 +373,7 @@ impl CallWrites {
         if wanted.is_empty() {
             return Ok(());
         }
-        let locked = lock_calls(tx, &wanted).await?;
+        let locked = lock_calls(tx, &wanted, wait).await?;
         for (business, call_sid) in &wanted {
             if !locked.iter().any(|(b, s, _)| b == business && s == call_sid) {
                 self.busy.push((*business, call_sid.to_string()));
@@ -508,41 +518,28 @@ type LockedRow = (i32, String, Option<i32>, Option<i64>, bool, bool, Option<Naiv
 /// `(business_id, call_sid)` order, so no deadlock). The calls not returned are held by another worker: rather than
 /// wait for its whole batch, their events go into the next batch. Locking an
 /// existing row this way writes nothing, where an upsert would write a new
-/// version of it.
+/// version of it. With `wait`, every call is locked, waiting for whoever holds it
+/// (in the batch's sort order, so two workers cannot deadlock).
 async fn lock_calls(
     tx: &mut PgConnection,
     calls: &[(BusinessId, &str)],
+    wait: bool,
 ) -> Result<Vec<(BusinessId, String, CallState)>, sqlx::Error> {
     let businesses: Vec<i32> = calls.iter().map(|(b, _)| b.0).collect();
     let sids: Vec<&str> = calls.iter().map(|(_, s)| *s).collect();
-    let mut rows: Vec<LockedRow> = sqlx::query_as(
-        "SELECT m.business_id, m.call_sid, m.call_id, m.last_sequence, m.reached_final, m.transferred, m.first_event_at,
-                m.transcript_source
-           FROM webhook_worker.twilio_calls m
-           JOIN unnest($1::int4[], $2::text[]) AS k(b, s) ON m.business_id = k.b AND m.call_sid = k.s
-          ORDER BY m.business_id, m.call_sid COLLATE \"C\"
-            FOR UPDATE OF m SKIP LOCKED",
-    )
-    .bind(&businesses)
-    .bind(&sids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let mut rows: Vec<LockedRow> = sqlx::query_as(if wait { LOCK_WAITING } else { LOCK_FREE })
+        .bind(&businesses)
+        .bind(&sids)
+        .fetch_all(&mut *tx)
+        .await?;
     if rows.len() < calls.len() {
         let found: HashSet<(i32, &str)> = rows.iter().map(|r| (r.0, r.1.as_str())).collect();
         let (b, s): (Vec<i32>, Vec<&str>) = calls.iter().map(|(b, s)| (b.0, *s)).filter(|k| !found.contains(k)).unzip();
-        let new: Vec<LockedRow> = sqlx::query_as(
-            "INSERT INTO webhook_worker.twilio_calls (business_id, call_sid)
-             SELECT b, s FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS k(b, s, o)
-              WHERE NOT EXISTS (SELECT 1 FROM webhook_worker.twilio_calls m WHERE m.business_id = k.b AND m.call_sid = k.s)
-              ORDER BY o
-             ON CONFLICT (business_id, call_sid) DO NOTHING
-             RETURNING business_id, call_sid, call_id, last_sequence, reached_final, transferred, first_event_at,
-                       transcript_source",
-        )
-        .bind(&b)
-        .bind(&s)
-        .fetch_all(&mut *tx)
-        .await?;
+        let new: Vec<LockedRow> = sqlx::query_as(if wait { INSERT_WAITING } else { INSERT_NEW })
+            .bind(&b)
+            .bind(&s)
+            .fetch_all(&mut *tx)
+            .await?;
         rows.extend(new);
     }
     Ok(rows
@@ -554,6 +551,39 @@ async fn lock_calls(
         })
         .collect())
 }
+
+/// The existing calls no other transaction holds, locked.
+const LOCK_FREE: &str = "SELECT m.business_id, m.call_sid, m.call_id, m.last_sequence, m.reached_final, m.transferred,
+                m.first_event_at, m.transcript_source
+           FROM webhook_worker.twilio_calls m
+           JOIN unnest($1::int4[], $2::text[]) AS k(b, s) ON m.business_id = k.b AND m.call_sid = k.s
+          ORDER BY m.business_id, m.call_sid COLLATE \"C\"
+            FOR UPDATE OF m SKIP LOCKED";
+
+/// Every existing call, locked, waiting for whoever holds one.
+const LOCK_WAITING: &str =
+    "SELECT m.business_id, m.call_sid, m.call_id, m.last_sequence, m.reached_final, m.transferred,
+                m.first_event_at, m.transcript_source
+           FROM webhook_worker.twilio_calls m
+           JOIN unnest($1::int4[], $2::text[]) AS k(b, s) ON m.business_id = k.b AND m.call_sid = k.s
+          ORDER BY m.business_id, m.call_sid COLLATE \"C\"
+            FOR UPDATE OF m";
+
+/// The calls that do not exist yet (a held one is left out: the insert would wait for it).
+const INSERT_NEW: &str = "INSERT INTO webhook_worker.twilio_calls (business_id, call_sid)
+             SELECT b, s FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS k(b, s, o)
+              WHERE NOT EXISTS (SELECT 1 FROM webhook_worker.twilio_calls m WHERE m.business_id = k.b AND m.call_sid = k.s)
+              ORDER BY o
+             ON CONFLICT (business_id, call_sid) DO NOTHING
+             RETURNING business_id, call_sid, call_id, last_sequence, reached_final, transferred, first_event_at,
+                       transcript_source";
+
+/// The calls still missing, and any another worker inserted meanwhile, locked.
+const INSERT_WAITING: &str = "INSERT INTO webhook_worker.twilio_calls (business_id, call_sid)
+             SELECT b, s FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS k(b, s, o) ORDER BY o
+             ON CONFLICT (business_id, call_sid) DO UPDATE SET call_sid = EXCLUDED.call_sid
+             RETURNING business_id, call_sid, call_id, last_sequence, reached_final, transferred, first_event_at,
+                       transcript_source";
 
 /// Writes every pending call's change to `public.calls` and its new guard state,
 /// in one statement: existing rows are updated (`COALESCE(new, old)` per

@@ -185,7 +185,13 @@ pub struct Item {
     /// The W3C trace the message arrived in (set by the ingress).
     pub traceparent: Option<String>,
     pub envelope: Result<Envelope, String>,
+    /// How many batches have left it for later ([`Outcome::Later`]) so far.
+    pub deferrals: u32,
 }
+
+/// After this many deferrals a batch waits for the locks it needs (see `apply_all`):
+/// another process that keeps a call busy cannot keep an event waiting for ever.
+pub const MOST_DEFERRALS: u32 = 20;
 
 impl Item {
     /// The exact bytes it arrived as (logged in the inbox as they are).
@@ -199,6 +205,7 @@ impl Item {
             traceparent: header_str(&delivery.properties, TRACEPARENT),
             envelope: Envelope::from_json(&delivery.data).and_then(|env| of_family(env, family)),
             delivery,
+            deferrals: 0,
         }
     }
 }
@@ -254,7 +261,13 @@ async fn process_batch<A: Applier>(
     let (later, settled): (Vec<_>, Vec<_>) =
         items.into_iter().zip(outcomes).partition(|(_, outcome)| *outcome == Outcome::Later);
     acks.settled(settled.iter().map(|(i, _)| i.delivery.delivery_tag)).await?;
-    Ok(later.into_iter().map(|(item, _)| item).collect())
+    Ok(later
+        .into_iter()
+        .map(|(mut item, _)| {
+            item.deferrals = item.deferrals.saturating_add(1);
+            item
+        })
+        .collect())
 }
 
 /// Acknowledges a channel's deliveries once every one up to a tag is settled,

@@ -59,13 +59,16 @@ pub trait Applier: Send + Sync + 'static {
 
     /// Before the batch's events are applied, with every event that claimed its
     /// key: a family may take what they all need in one round trip (the calls
-    /// family locks all their calls at once) instead of one per event.
+    /// family locks all their calls at once) instead of one per event. What
+    /// another transaction holds is left for later ([`Outcome::Later`]) unless
+    /// `wait`: one of the events has been left for later too often.
     fn prepare(
         tx: &mut PgConnection,
         writes: &mut Self::Writes,
         fresh: &[&Envelope],
+        wait: bool,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
-        let _ = (tx, writes, fresh);
+        let _ = (tx, writes, fresh, wait);
         async { Ok(()) }
     }
 
