@@ -105,6 +105,10 @@ fn describe() {
         EVENTS_IGNORED,
         "Events recorded but changing nothing (stale, or a kind not applied), by reason."
     );
+    describe_counter!(
+        EVENTS_DEFERRED,
+        "Events put into their lane's next batch because another worker's transaction held their call."
+    );
     describe_counter!(EVENTS_RETRIED, "Events sent to a delay queue to be tried again later.");
     describe_counter!(EVENTS_DEAD_LETTERED, "Events parked in a dead-letter queue.");
     describe_counter!(
