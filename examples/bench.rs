@@ -168,7 +168,15 @@ async fn main() -> anyhow::Result<()> {
     let prefix = format!("bench.{}", &id[..12]);
     let admin = admin_url();
     let mut admin_conn = PgConnection::connect(&admin).await?;
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut admin_conn).await?;
+    // BENCH_TEMPLATE: start from a copy of a database of your own (e.g. an inbox
+    // pre-filled by scripts/prefill-inbox.sh) instead of template1.
+    let template = std::env::var("BENCH_TEMPLATE").unwrap_or_else(|_| "template1".into());
+    if !template.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        anyhow::bail!("BENCH_TEMPLATE {template:?}: a database name of letters, digits and _ only");
+    }
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {db_name} TEMPLATE {template} STRATEGY FILE_COPY")))
+        .execute(&mut admin_conn)
+        .await?;
     admin_conn.close().await?;
     let db_url = {
         let mut u = url::Url::parse(&admin)?;
