@@ -274,11 +274,15 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
     }
     let wal0: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(&mut waiter).await?;
     let wal_stats0 = wal_stats(&mut waiter).await?;
+    // What the database held before (a BENCH_TEMPLATE's pre-filled inbox): the run's
+    // events are the inbox rows applied from now on, its storage what the tables grew.
+    let since: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut waiter).await?;
+    let sizes0 = table_sizes(&mut waiter).await?;
     let load_before = load_average();
     let meter = Meter::start(watch);
     let wall_start: DateTime<Utc> = Utc::now();
     let sent = send_on_load_runtime(args, &client, &bases, &requests).await;
-    let settled = wait_settled(&mut waiter, expect.events, Duration::from_secs(args.stall_secs)).await?;
+    let settled = wait_settled(&mut waiter, since, expect.events, Duration::from_secs(args.stall_secs)).await?;
     let cpu = meter.stop();
     let load_after = load_average();
     let wal_bytes: i64 = sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::pg_lsn)::int8")
@@ -287,9 +291,12 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
         .await?;
     service.stop().await;
 
-    let check = check_rows(&pool, &expect).await?;
+    let check = check_rows(&pool, since, &expect).await?;
     let last: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT max(applied_at) FROM webhook_worker.inbox").fetch_one(&pool).await?;
+        sqlx::query_scalar("SELECT max(applied_at) FROM webhook_worker.inbox WHERE applied_at >= $1")
+            .bind(since)
+            .fetch_one(&pool)
+            .await?;
     let e2e = last.map(|t| (t - wall_start).to_std().unwrap_or_default()).unwrap_or(settled);
 
     println!("---- results ({}) ----", mode(args));
@@ -331,7 +338,7 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
     print_cpu(&cpu, check.events_applied.max(1), &load_before, &load_after);
     // Backends flush their WAL counters when they end: the service's have by now.
     let wal_stats1 = wal_stats(&mut waiter).await?;
-    print_storage(&mut waiter, check.events_applied.max(1), wal_bytes, wal_stats0, wal_stats1).await?;
+    print_storage(&mut waiter, &sizes0, check.events_applied.max(1), wal_bytes, wal_stats0, wal_stats1).await?;
     waiter.close().await?;
     pool.close().await;
     if check.lost() > 0 || check.doubled() > 0 {
@@ -405,14 +412,11 @@ async fn wal_stats(conn: &mut PgConnection) -> anyhow::Result<(i64, i64, i64)> {
 }
 
 /// The worker's schema on disk after the run (tables, indexes and TOAST), and WAL written, per event.
-async fn print_storage(
-    conn: &mut PgConnection,
-    events: usize,
-    wal_bytes: i64,
-    w0: (i64, i64, i64),
-    w1: (i64, i64, i64),
-) -> anyhow::Result<()> {
-    let tables: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+/// Each table of the worker's schema: (name, total, indexes, TOAST) bytes.
+type TableSizes = Vec<(String, i64, i64, i64)>;
+
+async fn table_sizes(conn: &mut PgConnection) -> anyhow::Result<TableSizes> {
+    Ok(sqlx::query_as(
         "SELECT c.relname::text, pg_total_relation_size(c.oid)::int8, pg_indexes_size(c.oid)::int8,
                 COALESCE(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0)::int8
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -420,14 +424,47 @@ async fn print_storage(
           ORDER BY 2 DESC",
     )
     .fetch_all(&mut *conn)
-    .await?;
-    let total: i64 = tables.iter().map(|t| t.1).sum();
+    .await?)
+}
+
+async fn print_storage(
+    conn: &mut PgConnection,
+    before: &TableSizes,
+    events: usize,
+    wal_bytes: i64,
+    w0: (i64, i64, i64),
+    w1: (i64, i64, i64),
+) -> anyhow::Result<()> {
+    let after = table_sizes(conn).await?;
+    let total: i64 = after.iter().map(|t| t.1).sum();
+    let held: i64 = before.iter().map(|t| t.1).sum();
+    // A fresh database holds empty tables (a few pages): counted as the run's, as always.
+    // A template's pre-filled tables are not the run's: only what they grew is.
+    let prefilled = held > 16 << 20;
+    let grown = |name: &str, b: i64, f: fn(&(String, i64, i64, i64)) -> i64| {
+        b - if prefilled { before.iter().find(|t| t.0 == name).map_or(0, f) } else { 0 }
+    };
+    let mut tables: Vec<(String, i64, i64, i64)> = after
+        .iter()
+        .map(|t| (t.0.clone(), grown(&t.0, t.1, |t| t.1), grown(&t.0, t.2, |t| t.2), grown(&t.0, t.3, |t| t.3)))
+        .collect();
+    tables.sort_by(|a, b| b.1.cmp(&a.1));
+    let run_total: i64 = tables.iter().map(|t| t.1).sum();
     let per = |b: i64| b as f64 / events as f64;
-    println!(
-        "storage: schema webhook_worker {:.1} MB after the run, {:.0} B per accepted event (tables + indexes + TOAST)",
-        total as f64 / 1e6,
-        per(total)
-    );
+    if prefilled {
+        println!(
+            "storage: schema webhook_worker {:.1} MB after the run, {:.1} MB before (the template's); the run added {:.0} B per accepted event",
+            total as f64 / 1e6,
+            held as f64 / 1e6,
+            per(run_total)
+        );
+    } else {
+        println!(
+            "storage: schema webhook_worker {:.1} MB after the run, {:.0} B per accepted event (tables + indexes + TOAST)",
+            total as f64 / 1e6,
+            per(run_total)
+        );
+    }
     for (name, all, idx, toast) in tables.iter().filter(|t| t.1 > 0).take(6) {
         println!(
             "  {name:28} {:7.0} B/event (indexes {:.0}, TOAST {:.0}, heap {:.0})",
@@ -1172,11 +1209,19 @@ impl Service {
 }
 
 /// Waits until the inbox holds `events` keys; gives up after `stall` without progress.
-async fn wait_settled(conn: &mut PgConnection, events: usize, stall: Duration) -> anyhow::Result<Duration> {
+async fn wait_settled(
+    conn: &mut PgConnection,
+    since: DateTime<Utc>,
+    events: usize,
+    stall: Duration,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let (mut last_n, mut last_change) = (-1i64, Instant::now());
     loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox").fetch_one(&mut *conn).await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox WHERE applied_at >= $1")
+            .bind(since)
+            .fetch_one(&mut *conn)
+            .await?;
         if n as usize >= events {
             return Ok(started.elapsed());
         }
@@ -1222,12 +1267,17 @@ impl Check {
     }
 }
 
-async fn check_rows(pool: &PgPool, e: &Expect) -> anyhow::Result<Check> {
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox").fetch_one(pool).await?;
-    let outcomes: Vec<(String, i64)> =
-        sqlx::query_as("SELECT outcome, count(*) FROM webhook_worker.inbox GROUP BY 1 ORDER BY 2 DESC")
-            .fetch_all(pool)
-            .await?;
+async fn check_rows(pool: &PgPool, since: DateTime<Utc>, e: &Expect) -> anyhow::Result<Check> {
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox WHERE applied_at >= $1")
+        .bind(since)
+        .fetch_one(pool)
+        .await?;
+    let outcomes: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT outcome, count(*) FROM webhook_worker.inbox WHERE applied_at >= $1 GROUP BY 1 ORDER BY 2 DESC",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
     // A call is complete when its one row has every callback's effect.
     let (rows, complete): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE status = 'completed' AND duration = '2:05' AND end_time IS NOT NULL
