@@ -448,7 +448,7 @@ async fn print_storage(
         .iter()
         .map(|t| (t.0.clone(), grown(&t.0, t.1, |t| t.1), grown(&t.0, t.2, |t| t.2), grown(&t.0, t.3, |t| t.3)))
         .collect();
-    tables.sort_by(|a, b| b.1.cmp(&a.1));
+    tables.sort_by_key(|t| std::cmp::Reverse(t.1));
     let run_total: i64 = tables.iter().map(|t| t.1).sum();
     let per = |b: i64| b as f64 / events as f64;
     if prefilled {
