@@ -235,6 +235,24 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_loses_nothing_answere
     app.stop().await;
 }
 
+/// Applies a call's first callback, then holds its state row in a transaction of
+/// the test's own, as another `work` process in the middle of its batch would.
+async fn first_callback_then_hold_the_call(
+    app: &TestApp,
+    business: i32,
+    first: &[(String, String)],
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    assert_eq!(post(app, business, first).await.status(), 204);
+    app.settled(1).await;
+    let mut other = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM webhook_worker.twilio_calls WHERE business_id = $1 FOR UPDATE")
+        .bind(business)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    other
+}
+
 /// A call whose state row another transaction holds (another `work` process in
 /// the middle of its batch) does not hold up the other calls of the batch: they
 /// are applied at once, and the held call's event follows when the row is free,
@@ -249,15 +267,7 @@ async fn a_call_held_by_another_worker_does_not_hold_up_the_rest_of_the_batch() 
     .await;
     let b = app.twilio_business(TOKEN).await;
     let (held, free) = (call(1), call(2));
-    assert_eq!(post(&app, b, &held[0]).await.status(), 204);
-    app.settled(1).await;
-
-    let mut other = app.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM webhook_worker.twilio_calls WHERE business_id = $1 FOR UPDATE")
-        .bind(b)
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    let other = first_callback_then_hold_the_call(&app, b, &held[0]).await;
     for params in [&held[3], &free[0], &free[1], &free[2], &free[3]] {
         assert_eq!(post(&app, b, params).await.status(), 204);
     }
@@ -292,15 +302,7 @@ async fn an_event_left_for_later_too_often_waits_for_its_call() {
     .await;
     let b = app.twilio_business(TOKEN).await;
     let held = call(1);
-    assert_eq!(post(&app, b, &held[0]).await.status(), 204);
-    app.settled(1).await;
-
-    let mut other = app.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM webhook_worker.twilio_calls WHERE business_id = $1 FOR UPDATE")
-        .bind(b)
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    let other = first_callback_then_hold_the_call(&app, b, &held[0]).await;
     assert_eq!(post(&app, b, &held[3]).await.status(), 204);
     // Deferred a few times (5 ms apart), then the worker's batch waits on the row lock.
     app.eventually("the worker waiting for the held call", || async {
