@@ -55,14 +55,21 @@ async fn apply_in_one_transaction<A: Applier>(ctx: &WorkerContext, items: &[Item
     let mut conn = ctx.pool.acquire().await?;
     let mut tx = conn.begin().await?;
     let envs: Vec<&Envelope> = items.iter().filter_map(|i| i.envelope.as_ref().ok()).collect();
-    let mut fresh = inbox::claim_all(&mut tx, &envs).await?;
+    let keyed: Vec<&Envelope> = envs.iter().copied().filter(|env| A::claims_key(env)).collect();
+    let mut fresh = inbox::claim_all(&mut tx, &keyed).await?;
+    // An event that is its own de-duplication record finds out when it is applied.
+    fresh.extend(envs.iter().filter(|env| !A::claims_key(env)).map(|env| env.key.as_str()));
     let mut writes = Deferred::<A>::new(ctx)?;
     let claimed: Vec<&Envelope> = envs.iter().copied().filter(|env| fresh.contains(env.key.as_str())).collect();
     A::prepare(&mut tx, &mut writes.family, &claimed, wait).await?;
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
-        // The first item of a key claimed it; a second copy in the same batch is a duplicate.
-        let claimed = item.envelope.as_ref().is_ok_and(|env| fresh.remove(env.key.as_str()));
+        // The first item of a key claimed it; a second copy in the same batch is a
+        // duplicate (one that claims no key is told so by its own row).
+        let claimed = item
+            .envelope
+            .as_ref()
+            .is_ok_and(|env| if A::claims_key(env) { fresh.remove(env.key.as_str()) } else { true });
         outcomes.push(apply_claimed(&mut tx, &mut writes, item, claimed).await?);
     }
     writes.flush(&mut tx).await?;
@@ -105,14 +112,16 @@ async fn apply_item<A: Applier>(
     item: &Item,
 ) -> Result<Outcome, ApplyError> {
     let claimed = match &item.envelope {
+        Ok(env) if !A::claims_key(env) => true,
         Ok(env) => inbox::claim(tx, env).await?,
         Err(_) => false,
     };
     apply_claimed(tx, writes, item, claimed).await
 }
 
-/// Applies an event whose key this transaction has just claimed (`claimed`), or
-/// says why not: undecodable, or a duplicate.
+/// Applies an event whose key this transaction has just claimed (`claimed`; an
+/// event that claims no key is always `claimed` here and finds out itself
+/// whether it is a duplicate), or says why not: undecodable, or a duplicate.
 async fn apply_claimed<A: Applier>(
     tx: &mut PgConnection,
     writes: &mut Deferred<A>,
@@ -128,7 +137,10 @@ async fn apply_claimed<A: Applier>(
     }
     let outcome = A::apply(tx, &mut writes.family, env).await?;
     match &outcome {
-        Outcome::Retry(_) | Outcome::Park(_) | Outcome::Later => inbox::release(tx, &env.key).await?,
+        Outcome::Retry(_) | Outcome::Park(_) | Outcome::Later if A::claims_key(env) => {
+            inbox::release(tx, &env.key).await?
+        }
+        Outcome::Retry(_) | Outcome::Park(_) | Outcome::Later => {}
         Outcome::Ignored(why) => writes.log(env, format!("ignored: {why}")),
         Outcome::Applied | Outcome::Flagged(_) => writes.log(env, "applied".to_string()),
         Outcome::Duplicate => {}

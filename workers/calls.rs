@@ -136,6 +136,12 @@ impl Applier for Calls {
         }
     }
 
+    /// A final Real-Time Transcription segment is its own record: its row's
+    /// primary key (the session's number, `SequenceId`) is the event's key.
+    fn claims_key(env: &Envelope) -> bool {
+        !matches!(&env.event, Event::TwilioRealtime(e) if e.segment().is_some())
+    }
+
     async fn prepare(
         tx: &mut PgConnection,
         writes: &mut CallWrites,

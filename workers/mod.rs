@@ -57,6 +57,19 @@ pub trait Applier: Send + Sync + 'static {
         env: &Envelope,
     ) -> impl Future<Output = Result<Outcome, ApplyError>> + Send;
 
+    /// Whether the event claims a key in the inbox (`inbox_keys`) before it is
+    /// applied. An event that is its own de-duplication record claims none: its
+    /// applying inserts a row under a unique key that only this event writes, in
+    /// the same transaction, and is [`Outcome::Duplicate`] when that row is
+    /// already there. Such an event must never be applied twice by any other
+    /// path, and its row must be kept at least as long as a key would be
+    /// (`EVENT_RETENTION`). A Real-Time Transcription segment is one: it is most
+    /// of a call's callbacks, and its key cost as much again as its row.
+    fn claims_key(env: &Envelope) -> bool {
+        let _ = env;
+        true
+    }
+
     /// Before the batch's events are applied, with every event that claimed its
     /// key: a family may take what they all need in one round trip (the calls
     /// family locks all their calls at once) instead of one per event. What
@@ -92,7 +105,8 @@ pub enum Outcome {
     /// Applied, and an operator must hear of it: reported once, after the commit,
     /// so a batch that is re-run does not report it twice.
     Flagged(Box<dyn Report>),
-    /// Its key was already in the inbox.
+    /// Its key was already in the inbox (for an event that claims no key, its
+    /// own row was already there: see [`Applier::claims_key`]).
     Duplicate,
     /// Recorded, but it changes nothing (stale, or a kind we do not apply).
     Ignored(&'static str),

@@ -174,7 +174,9 @@ pub async fn apply_realtime(
         }
     };
     if let Some((track, text)) = e.segment() {
-        sqlx::query(
+        // The segment claims no inbox key (`Calls::claims_key`): its row is the
+        // record that it was applied, so one already there makes it a duplicate.
+        let inserted = sqlx::query(
             "INSERT INTO webhook_worker.transcript_segments (session_id, sequence_id, outbound, text)
              VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
@@ -183,7 +185,11 @@ pub async fn apply_realtime(
         .bind(track == Track::Outbound)
         .bind(text)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(Outcome::Duplicate);
+        }
     }
     let with_text = match e.kind {
         RealtimeKind::Stopped => Some(session_has_text(tx, session).await?),
