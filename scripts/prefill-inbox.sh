@@ -20,9 +20,8 @@ new)
     "${psql[@]}" <<SQL
 BEGIN;
 SELECT webhook_worker.create_inbox_partitions((now() AT TIME ZONE 'UTC')::date - $d, (now() AT TIME ZONE 'UTC')::date - $d);
-INSERT INTO webhook_worker.inbox_keys (key_hash, day)
-SELECT webhook_worker.event_key_hash('prefill:$d:' || i), (now() AT TIME ZONE 'UTC')::date - $d
-  FROM generate_series(1, $per_day) i;
+INSERT INTO webhook_worker.inbox_keys (key_hash)
+SELECT webhook_worker.event_key_hash('prefill:$d:' || i) FROM generate_series(1, $per_day) i;
 INSERT INTO webhook_worker.inbox (key_hash, day, kind, business_id, applied_at, outcome, envelope)
 SELECT webhook_worker.event_key_hash('prefill:$d:' || i), (now() AT TIME ZONE 'UTC')::date - $d,
        'twilio_call_status', 1 + i % 20, t, 'applied',

@@ -256,7 +256,9 @@ async fn every_answered_event_is_applied_exactly_once_through_a_broker_restart_a
     let expired_left = loop {
         let (left,): (i64,) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM webhook_worker.inbox WHERE day < (now() AT TIME ZONE 'UTC')::date - 1)
-                  + (SELECT count(*) FROM webhook_worker.inbox_keys WHERE day < (now() AT TIME ZONE 'UTC')::date - 1)",
+                  + (SELECT count(*) FROM webhook_worker.inbox_keys k WHERE NOT EXISTS (
+                        SELECT 1 FROM webhook_worker.inbox l
+                         WHERE l.key_hash = k.key_hash AND l.day >= (now() AT TIME ZONE 'UTC')::date - 1))",
         )
         .fetch_one(&pool)
         .await
@@ -305,9 +307,9 @@ async fn seed_expired_days(pool: PgPool, stop: tokio_util::sync::CancellationTok
             .await?;
             sqlx::query(
                 "WITH d AS (SELECT (now() AT TIME ZONE 'UTC')::date - $1 AS day),
-                      k AS (INSERT INTO webhook_worker.inbox_keys (key_hash, day)
-                            SELECT webhook_worker.event_key_hash('chaos:expired:' || $1 || ':' || g), d.day
-                              FROM d, generate_series(1, 50) g)
+                      k AS (INSERT INTO webhook_worker.inbox_keys (key_hash)
+                            SELECT webhook_worker.event_key_hash('chaos:expired:' || $1 || ':' || g)
+                              FROM generate_series(1, 50) g)
                  INSERT INTO webhook_worker.inbox (key_hash, day, kind, applied_at, outcome, envelope)
                  SELECT webhook_worker.event_key_hash('chaos:expired:' || $1 || ':' || g), d.day, 'stripe_other',
                         d.day::timestamp AT TIME ZONE 'UTC', 'applied', '\\x007b7d'::bytea

@@ -45,9 +45,8 @@ async fn seed_day(pool: &PgPool, days_ago: i64, n: usize) -> NaiveDate {
             received.to_rfc3339(),
             received.to_rfc3339()
         );
-        sqlx::query("INSERT INTO webhook_worker.inbox_keys (key_hash, day) VALUES ($1, $2)")
+        sqlx::query("INSERT INTO webhook_worker.inbox_keys (key_hash) VALUES ($1)")
             .bind(event_log::key_hash(&key))
-            .bind(day)
             .execute(&mut *tx)
             .await
             .unwrap();
@@ -67,14 +66,17 @@ async fn seed_day(pool: &PgPool, days_ago: i64, n: usize) -> NaiveDate {
     day
 }
 
-/// Events in the log and keys per claimed day.
+/// Events in the log and keys per claimed day (a key's day is its log row's; a
+/// key without a log row, which no prune would ever find, counts on 1970-01-01).
 async fn per_day(pool: &PgPool) -> (BTreeMap<NaiveDate, i64>, BTreeMap<NaiveDate, i64>) {
     let q = |sql: &'static str| async move {
         sqlx::query_as::<_, (NaiveDate, i64)>(sql).fetch_all(pool).await.unwrap().into_iter().collect()
     };
     (
         q("SELECT day, count(*) FROM webhook_worker.inbox GROUP BY day").await,
-        q("SELECT day, count(*) FROM webhook_worker.inbox_keys GROUP BY day").await,
+        q("SELECT COALESCE(l.day, '1970-01-01'), count(*)
+             FROM webhook_worker.inbox_keys k LEFT JOIN webhook_worker.inbox l USING (key_hash) GROUP BY 1")
+        .await,
     )
 }
 
@@ -190,6 +192,57 @@ async fn prune_removes_exactly_the_days_before_the_cut_and_nothing_in_public() {
     // Run again, nothing is left to remove.
     let again = retention::prune(&app.pool, std::time::Duration::from_secs(30 * 86_400)).await.unwrap();
     assert_eq!((again.days.len(), again.keys), (0, 0));
+    app.stop().await;
+}
+
+/// Retention deletes a day's keys in slices of its log's pages before it drops
+/// the day: every slice deletes the keys its pages list, and only those.
+#[tokio::test]
+async fn a_days_keys_are_deleted_slice_by_slice_through_its_log() {
+    let app = spawn_keeping_old_days().await;
+    let day = seed_day(&app.pool, 45, 300).await;
+    let other = seed_day(&app.pool, 44, 5).await;
+    let part = format!("inbox_{}", day.format("%Y%m%d"));
+    let pages: i64 = sqlx::query_scalar(
+        "SELECT pg_relation_size(format('webhook_worker.%I', $1::text)::regclass) / current_setting('block_size')::int8",
+    )
+    .bind(&part)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(pages >= 3, "the seeded day spans {pages} page(s)");
+    let mut deleted = Vec::new();
+    for first in (0..pages).step_by(2) {
+        let n: i64 = sqlx::query_scalar("SELECT webhook_worker.delete_keys_of_logged($1, $2, 2)")
+            .bind(&part)
+            .bind(first)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        deleted.push(n);
+    }
+    assert!(deleted.iter().all(|&n| n > 0 && n < 300), "{deleted:?}");
+    assert_eq!(deleted.iter().sum::<i64>(), 300);
+    let (_, keys) = per_day(&app.pool).await;
+    assert_eq!(keys.get(&day), None);
+    assert_eq!(keys.get(&other), Some(&5));
+    // Anything but a partition of the log is refused.
+    let err =
+        sqlx::query("SELECT webhook_worker.delete_keys_of_logged('calls', 0, 1)").execute(&app.pool).await.unwrap_err();
+    assert!(err.to_string().contains("not a partition of the event log: calls"), "{err}");
+    app.stop().await;
+}
+
+/// The log stores an event's kind as an enum: its values are exactly the kinds
+/// the code names, so no event is ever refused for its kind.
+#[tokio::test]
+async fn the_logs_kinds_are_the_kinds_the_code_names() {
+    let app = TestApp::spawn().await;
+    let values: Vec<String> = sqlx::query_scalar("SELECT unnest(enum_range(NULL::webhook_worker.event_kind))::text")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(values, micro8gents::events::KINDS);
     app.stop().await;
 }
 

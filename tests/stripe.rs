@@ -588,7 +588,7 @@ async fn unknown_event_types_are_recorded_not_applied() {
     assert_eq!(apply(&app, &trial).await, "ignored: event type not applied");
     assert_eq!(row(&app, u).await, before);
     let (kind,): (String,) = sqlx::query_as(
-        "SELECT kind FROM webhook_worker.inbox WHERE key_hash = webhook_worker.event_key_hash('stripe:evt_cust')",
+        "SELECT kind::text FROM webhook_worker.inbox WHERE key_hash = webhook_worker.event_key_hash('stripe:evt_cust')",
     )
     .fetch_one(&app.pool)
     .await

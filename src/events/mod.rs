@@ -69,6 +69,21 @@ impl From<stripe::Parsed> for Event {
     }
 }
 
+/// Every event kind, as [`Event::kind`] names it: the values of the log's
+/// `webhook_worker.event_kind` enum, in order (a test holds the two together).
+pub const KINDS: [&str; 10] = [
+    "twilio_call_status",
+    "twilio_recording",
+    "twilio_transcription",
+    "twilio_realtime_transcription",
+    "twilio_intelligence_transcript",
+    "n8n_booking",
+    "stripe_subscription",
+    "stripe_checkout_session",
+    "stripe_invoice",
+    "stripe_other",
+];
+
 impl Event {
     pub fn provider(&self) -> Provider {
         match self {
@@ -90,19 +105,21 @@ impl Event {
         self.provider().family()
     }
 
+    /// The name the event log stores (`webhook_worker.inbox.kind`, an enum whose
+    /// values are exactly these: a new kind is a migration too).
     pub fn kind(&self) -> &'static str {
-        match self {
-            Event::TwilioCallStatus(_) => "twilio_call_status",
-            Event::TwilioRecording(_) => "twilio_recording",
-            Event::TwilioTranscription(_) => "twilio_transcription",
-            Event::TwilioRealtime(_) => "twilio_realtime_transcription",
-            Event::TwilioIntelligence(_) => "twilio_intelligence_transcript",
-            Event::N8nBooking(_) => "n8n_booking",
-            Event::StripeSubscription(_) => "stripe_subscription",
-            Event::StripeCheckoutSession(_) => "stripe_checkout_session",
-            Event::StripeInvoice(_) => "stripe_invoice",
-            Event::StripeOther(_) => "stripe_other",
-        }
+        KINDS[match self {
+            Event::TwilioCallStatus(_) => 0,
+            Event::TwilioRecording(_) => 1,
+            Event::TwilioTranscription(_) => 2,
+            Event::TwilioRealtime(_) => 3,
+            Event::TwilioIntelligence(_) => 4,
+            Event::N8nBooking(_) => 5,
+            Event::StripeSubscription(_) => 6,
+            Event::StripeCheckoutSession(_) => 7,
+            Event::StripeInvoice(_) => 8,
+            Event::StripeOther(_) => 9,
+        }]
     }
 
     /// The Twilio CallSid the event is about, for logs and spans.

@@ -68,7 +68,7 @@ pub async fn log(tx: &mut PgConnection, events: &[Settled]) -> Result<(), sqlx::
     }
     sqlx::query(
         "INSERT INTO webhook_worker.inbox (key_hash, kind, business_id, outcome, envelope)
-         SELECT * FROM unnest($1::bytea[], $2::text[], $3::int4[], $4::text[], $5::bytea[])",
+         SELECT * FROM unnest($1::bytea[], $2::text[]::webhook_worker.event_kind[], $3::int4[], $4::text[], $5::bytea[])",
     )
     .bind(events.iter().map(|e| e.key_hash.as_slice()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.kind).collect::<Vec<_>>())
@@ -114,7 +114,7 @@ pub type Logged = (Vec<u8>, Vec<u8>);
 pub fn read_day<'a>(pool: &'a PgPool, day: NaiveDate, filter: &Filter) -> BoxStream<'a, Result<Logged, sqlx::Error>> {
     sqlx::query_as(
         "SELECT key_hash, envelope FROM webhook_worker.inbox
-          WHERE day = $1 AND starts_with(kind, $2 || '_')
+          WHERE day = $1 AND starts_with(kind::text, $2 || '_')
             AND ($3::int IS NULL OR business_id = $3)
             AND ($4::timestamptz IS NULL OR applied_at >= $4)
           ORDER BY applied_at, key_hash",

@@ -4,9 +4,11 @@
 //! - The event log `webhook_worker.inbox` has one partition per UTC day (the
 //!   day the worker claimed the event). Days that have ended before the cut are
 //!   dropped whole: no dead rows, no vacuum, a few bytes of WAL.
-//! - The keys `webhook_worker.inbox_keys` of those days are deleted in slices
-//!   of [`KEY_SLICE`] rows, each its own short transaction; the space they
-//!   leave is reused by new keys, so the table keeps its size.
+//! - The keys `webhook_worker.inbox_keys` of those days are deleted first: the
+//!   keys a day's partition lists (a key and its log row are written in one
+//!   transaction), [`PAGE_SLICE`] pages of it (~5,000 keys) per statement, each
+//!   its own short transaction; the space they leave is reused by new keys, so
+//!   the table keeps its size. A key holds no date of its own (migration 0011).
 //!
 //! So an event is kept at least `EVENT_RETENTION` and less than a day longer.
 //! Every `run`/`work` process runs [`maintain`] at start and every
@@ -26,8 +28,9 @@ use super::event_log::{EnvelopePacker, key_hash};
 
 /// Days of partitions kept ready ahead of today.
 pub const DAYS_AHEAD: i32 = 3;
-/// Expired keys deleted per statement (and transaction).
-pub const KEY_SLICE: i64 = 5_000;
+/// Pages of an expiring day's log whose keys one statement (and transaction)
+/// deletes: ~28 logged events a page, so ~5,000 keys.
+pub const PAGE_SLICE: i64 = 180;
 /// How long a prune waits for the lock of a partition to drop (a worker's
 /// transaction holds it for milliseconds); it tries again at the next round.
 const LOCK_TIMEOUT: &str = "5s";
@@ -77,19 +80,27 @@ pub async fn prune(pool: &PgPool, older_than: Duration) -> Result<Pruned, sqlx::
 pub async fn prune_before(pool: &PgPool, cut: DateTime<Utc>) -> Result<Pruned, sqlx::Error> {
     let kept_from = cut.date_naive();
     let mut pruned = Pruned { kept_from: Some(kept_from), ..Pruned::default() };
-    loop {
-        let deleted = sqlx::query(
-            "DELETE FROM webhook_worker.inbox_keys WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM webhook_worker.inbox_keys WHERE day < $1 LIMIT $2))",
+    // The keys of the days about to be dropped: listed by their log, slice by slice.
+    let expiring: Vec<String> =
+        sqlx::query_scalar("SELECT partition FROM webhook_worker.inbox_partitions() WHERE day < $1")
+            .bind(kept_from)
+            .fetch_all(pool)
+            .await?;
+    for partition in &expiring {
+        let pages: i64 = sqlx::query_scalar(
+            "SELECT pg_relation_size(format('webhook_worker.%I', $1::text)::regclass) / current_setting('block_size')::int8",
         )
-        .bind(kept_from)
-        .bind(KEY_SLICE)
-        .execute(pool)
-        .await?
-        .rows_affected();
-        pruned.keys += deleted;
-        if deleted < KEY_SLICE as u64 {
-            break;
+        .bind(partition)
+        .fetch_one(pool)
+        .await?;
+        for first in (0..pages).step_by(PAGE_SLICE as usize) {
+            let deleted: i64 = sqlx::query_scalar("SELECT webhook_worker.delete_keys_of_logged($1, $2, $3)")
+                .bind(partition)
+                .bind(first)
+                .bind(PAGE_SLICE)
+                .fetch_one(pool)
+                .await?;
+            pruned.keys += deleted as u64;
         }
     }
     let mut conn = pool.acquire().await?;
@@ -208,18 +219,18 @@ async fn copy_legacy_rows(
         .await?;
     let hashes: Vec<Vec<u8>> = rows.iter().map(|r| key_hash(&r.0)).collect();
     let new: Vec<Vec<u8>> = sqlx::query_scalar(
-        "INSERT INTO webhook_worker.inbox_keys (key_hash, day)
-         SELECT * FROM unnest($1::bytea[], $2::date[]) ON CONFLICT DO NOTHING RETURNING key_hash",
+        "INSERT INTO webhook_worker.inbox_keys (key_hash)
+         SELECT unnest($1::bytea[]) ON CONFLICT DO NOTHING RETURNING key_hash",
     )
     .bind(&hashes)
-    .bind(&days)
     .fetch_all(&mut *tx)
     .await?;
     let new: std::collections::HashSet<Vec<u8>> = new.into_iter().collect();
     let rows: Vec<(usize, &&LegacyRow)> = rows.iter().enumerate().filter(|(i, _)| new.contains(&hashes[*i])).collect();
     sqlx::query(
         "INSERT INTO webhook_worker.inbox (key_hash, day, kind, business_id, applied_at, outcome, envelope)
-         SELECT * FROM unnest($1::bytea[], $2::date[], $3::text[], $4::int4[], $5::timestamptz[], $6::text[], $7::bytea[])",
+         SELECT * FROM unnest($1::bytea[], $2::date[], $3::text[]::webhook_worker.event_kind[], $4::int4[],
+                              $5::timestamptz[], $6::text[], $7::bytea[])",
     )
     .bind(rows.iter().map(|(i, _)| hashes[*i].clone()).collect::<Vec<_>>())
     .bind(rows.iter().map(|(i, _)| days[*i]).collect::<Vec<_>>())
@@ -235,8 +246,8 @@ async fn copy_legacy_rows(
 }
 
 /// Size, estimated rows and the age of the oldest entry of each of the
-/// worker's tables, as Prometheus text. Reads only the catalog, the `day`
-/// index of the keys and the outbox (empty unless the broker is down), so a
+/// worker's tables, as Prometheus text. Reads only the catalog (the keys and
+/// the log are as old as the log's oldest day: they expire together) and the outbox (empty unless the broker is down), so a
 /// scrape costs a few milliseconds however big the tables are.
 pub async fn storage_gauges(pool: &PgPool) -> Result<String, sqlx::Error> {
     let tables: Vec<(String, i64, f64)> = sqlx::query_as(
@@ -256,7 +267,7 @@ pub async fn storage_gauges(pool: &PgPool) -> Result<String, sqlx::Error> {
     .fetch_all(pool)
     .await?;
     let (keys_age, outbox_age): (Option<f64>, Option<f64>) = sqlx::query_as(
-        "SELECT EXTRACT(EPOCH FROM now() - ((SELECT min(day) FROM webhook_worker.inbox_keys)::timestamp AT TIME ZONE 'UTC'))::float8,
+        "SELECT EXTRACT(EPOCH FROM now() - ((SELECT min(day) FROM webhook_worker.inbox_partitions())::timestamp AT TIME ZONE 'UTC'))::float8,
                 EXTRACT(EPOCH FROM now() - (SELECT min(created_at) FROM webhook_worker.outbox))::float8",
     )
     .fetch_one(pool)
