@@ -230,6 +230,16 @@ async fn out_of_order_and_duplicated_segments_of_two_sessions_end_the_same() {
     .await
     .unwrap();
     assert_eq!((segments, logged, keys), (4, 7, 3));
+    // Each session's first time is its earliest event's, whatever came first.
+    let firsts: Vec<(String, String)> = sqlx::query_as(
+        "SELECT session_sid, to_char(first_at, 'HH24:MI:SS') FROM webhook_worker.transcript_sessions
+          WHERE business_id = $1 ORDER BY 1",
+    )
+    .bind(b)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(firsts, [(GT_B.to_string(), "12:00:20".to_string()), (GT_A.to_string(), "12:00:10".to_string())]);
     app.stop().await;
 }
 

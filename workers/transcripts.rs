@@ -232,7 +232,10 @@ enum SessionState {
 }
 
 /// Creates or updates the session: its earliest time, its labels (only
-/// `transcription-started` carries them), whether it stopped.
+/// `transcription-started` carries them), whether it stopped. A segment that
+/// changes none of these (nearly all of them) writes nothing: the row is read,
+/// not rewritten, so a session is not a new row version per segment (dead
+/// tuples and ~200 bytes of WAL each).
 async fn record_session(
     tx: &mut PgConnection,
     business: BusinessId,
@@ -245,16 +248,23 @@ async fn record_session(
         }
         _ => (false, None, None),
     };
-    sqlx::query_as(
-        "INSERT INTO webhook_worker.transcript_sessions
-             (business_id, session_sid, call_sid, first_at, inbound_label, outbound_label, stopped)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (business_id, session_sid) DO UPDATE SET
-             first_at = LEAST(transcript_sessions.first_at, EXCLUDED.first_at),
-             inbound_label = CASE WHEN $8 THEN EXCLUDED.inbound_label ELSE transcript_sessions.inbound_label END,
-             outbound_label = CASE WHEN $8 THEN EXCLUDED.outbound_label ELSE transcript_sessions.outbound_label END,
-             stopped = transcript_sessions.stopped OR EXCLUDED.stopped
-         RETURNING id, segments_pruned",
+    let written: Option<(i64, bool)> = sqlx::query_as(
+        "WITH up AS (
+             INSERT INTO webhook_worker.transcript_sessions
+                 (business_id, session_sid, call_sid, first_at, inbound_label, outbound_label, stopped)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (business_id, session_sid) DO UPDATE SET
+                 first_at = LEAST(transcript_sessions.first_at, EXCLUDED.first_at),
+                 inbound_label = CASE WHEN $8 THEN EXCLUDED.inbound_label ELSE transcript_sessions.inbound_label END,
+                 outbound_label = CASE WHEN $8 THEN EXCLUDED.outbound_label ELSE transcript_sessions.outbound_label END,
+                 stopped = transcript_sessions.stopped OR EXCLUDED.stopped
+             WHERE $8 OR EXCLUDED.first_at < transcript_sessions.first_at
+                OR (EXCLUDED.stopped AND NOT transcript_sessions.stopped)
+             RETURNING id, segments_pruned)
+         SELECT id, segments_pruned FROM up
+         UNION ALL
+         SELECT id, segments_pruned FROM webhook_worker.transcript_sessions
+          WHERE business_id = $1 AND session_sid = $2 AND NOT EXISTS (SELECT 1 FROM up)",
     )
     .bind(business.0)
     .bind(&e.session_sid)
@@ -264,9 +274,24 @@ async fn record_session(
     .bind(outbound)
     .bind(matches!(e.kind, RealtimeKind::Stopped))
     .bind(started)
-    .fetch_one(&mut *tx)
-    .await
-    .map(|(id, pruned): (i64, bool)| if pruned { SessionState::Pruned } else { SessionState::Kept(id) })
+    .fetch_optional(&mut *tx)
+    .await?;
+    // Nothing: the row was committed by another transaction after this
+    // statement's snapshot was taken (the conflict saw it, the read did not).
+    let (id, pruned) = match written {
+        Some(row) => row,
+        None => {
+            sqlx::query_as(
+                "SELECT id, segments_pruned FROM webhook_worker.transcript_sessions
+                  WHERE business_id = $1 AND session_sid = $2",
+            )
+            .bind(business.0)
+            .bind(&e.session_sid)
+            .fetch_one(&mut *tx)
+            .await?
+        }
+    };
+    Ok(if pruned { SessionState::Pruned } else { SessionState::Kept(id) })
 }
 
 async fn realtime_pieces(
