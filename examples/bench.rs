@@ -292,6 +292,9 @@ async fn run(args: &Args, cfg: &Config, vars: &HashMap<String, String>) -> anyho
     service.stop().await;
 
     let check = check_rows(&pool, since, &expect).await?;
+    // The last row applied. A segment has no applied time, but every call's last
+    // callbacks (its final status, recording, transcription) come after its
+    // segments and are in the log.
     let last: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT max(applied_at) FROM webhook_worker.inbox WHERE applied_at >= $1")
             .bind(since)
@@ -1208,6 +1211,11 @@ impl Service {
     }
 }
 
+/// Events settled since `$1`: the event log's rows and the Real-Time segments,
+/// which are their own log entries (they have no row in the log).
+const SETTLED_SINCE: &str = "SELECT (SELECT count(*) FROM webhook_worker.inbox WHERE applied_at >= $1)
+                             + (SELECT count(*) FROM webhook_worker.transcript_segments WHERE received_at >= $1)";
+
 /// Waits until the inbox holds `events` keys; gives up after `stall` without progress.
 async fn wait_settled(
     conn: &mut PgConnection,
@@ -1218,7 +1226,7 @@ async fn wait_settled(
     let started = Instant::now();
     let (mut last_n, mut last_change) = (-1i64, Instant::now());
     loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox WHERE applied_at >= $1")
+        let n: i64 = sqlx::query_scalar(SETTLED_SINCE)
             .bind(since)
             .fetch_one(&mut *conn)
             .await?;
@@ -1268,12 +1276,16 @@ impl Check {
 }
 
 async fn check_rows(pool: &PgPool, since: DateTime<Utc>, e: &Expect) -> anyhow::Result<Check> {
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_worker.inbox WHERE applied_at >= $1")
+    let events: i64 = sqlx::query_scalar(SETTLED_SINCE)
         .bind(since)
         .fetch_one(pool)
         .await?;
     let outcomes: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT outcome, count(*) FROM webhook_worker.inbox WHERE applied_at >= $1 GROUP BY 1 ORDER BY 2 DESC",
+        "SELECT outcome, count(*) FROM webhook_worker.inbox WHERE applied_at >= $1 GROUP BY 1
+         UNION ALL
+         SELECT 'applied (Real-Time segments, kept as their own rows)', count(*)
+           FROM webhook_worker.transcript_segments WHERE received_at >= $1 HAVING count(*) > 0
+         ORDER BY 2 DESC",
     )
     .bind(since)
     .fetch_all(pool)

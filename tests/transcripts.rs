@@ -187,9 +187,15 @@ async fn a_realtime_session_grows_the_transcript_segment_by_segment() {
     app.settled(5).await;
     let key = format!("twilio:realtime:{b}:{GT_A}:6");
     assert_eq!(outcome(&app, &key).await.as_deref(), Some("ignored: a transcription-error adds no text"));
-    // The partials were answered and never carried: five events in the inbox.
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox").fetch_one(&app.pool).await.unwrap();
-    assert_eq!(n, 5);
+    // The partials were answered and never carried: five events settled, the two
+    // final segments kept as their own rows, the three others in the event log.
+    let (logged, segments): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM webhook_worker.inbox), (SELECT count(*) FROM webhook_worker.transcript_segments)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((logged, segments), (3, 2));
     assert_eq!(calls_of(&app.pool, b).await[0].transcript.as_deref(), Some(both));
     app.stop().await;
 }
@@ -217,8 +223,8 @@ async fn out_of_order_and_duplicated_segments_of_two_sessions_end_the_same() {
                     Customer: Is Tuesday free?\nAgent: Tuesday at 3 works.";
     transcript_becomes(&app, b, expected).await;
     app.quiet().await;
-    // Each event applied once: a segment's own row is its de-duplication record
-    // (it claims no inbox key), the session events' keys are in the inbox.
+    // Each event applied once: a segment's own row is its de-duplication record and
+    // its log entry (no inbox key, no log row); the session events' are in the inbox.
     let (segments, logged, keys): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM webhook_worker.transcript_segments g
                    JOIN webhook_worker.transcript_sessions s ON s.id = g.session_id WHERE s.business_id = $1),
@@ -229,7 +235,7 @@ async fn out_of_order_and_duplicated_segments_of_two_sessions_end_the_same() {
     .fetch_one(&app.pool)
     .await
     .unwrap();
-    assert_eq!((segments, logged, keys), (4, 7, 3));
+    assert_eq!((segments, logged, keys), (4, 3, 3));
     // Each session's first time is its earliest event's, whatever came first.
     let firsts: Vec<(String, String)> = sqlx::query_as(
         "SELECT session_sid, to_char(first_at, 'HH24:MI:SS') FROM webhook_worker.transcript_sessions
@@ -663,6 +669,71 @@ async fn pruned_segments_leave_the_transcript_and_a_late_duplicate_changes_nothi
     let (segments,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM webhook_worker.transcript_segments").fetch_one(&app.pool).await.unwrap();
     assert_eq!(segments, 0);
+    app.stop().await;
+}
+
+/// A segment's row is its log entry: `replay` rebuilds its event as it arrived,
+/// and a second environment fed by the replay ends with the same transcript.
+#[tokio::test]
+async fn a_replay_rebuilds_segments_from_their_rows_for_another_environment() {
+    use micro8gents::bus::{Broker, Publisher};
+    use micro8gents::events::transcription::{RealtimeKind, Track};
+    use micro8gents::events::{BusinessId, Event, Provider};
+    use micro8gents::ops::replay;
+
+    let (app, _twilio, b) = spawn().await;
+    let labels = [("InboundTrackLabel", "Jane (caller)"), ("OutboundTrackLabel", "Sam")];
+    for e in [
+        started(GT_A, 10, &labels),
+        content(GT_A, 2, 11, "outbound_track", "Thanks for calling Acme Dental."),
+        content(GT_A, 3, 12, "inbound_track", "Hi, I need a cleaning."),
+        rt(GT_A, 4, 13, "transcription-stopped", &[]),
+    ] {
+        assert_eq!(post(&app, b, "transcription", &e).await, 204);
+    }
+    let text = "Sam: Thanks for calling Acme Dental.\nJane (caller): Hi, I need a cleaning.";
+    transcript_becomes(&app, b, text).await;
+    app.quiet().await;
+
+    // The rebuilt event: what Twilio sent, under the key the ingress gave it.
+    let rebuilt: Vec<_> = micro8gents::workers::transcripts::logged_segments(&app.pool, Some(BusinessId(b)), None)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rebuilt.len(), 2);
+    assert_eq!(rebuilt[0].key, format!("twilio:realtime:{b}:{GT_A}:2"));
+    assert_eq!(rebuilt[0].business_id, Some(BusinessId(b)));
+    let Event::TwilioRealtime(e) = &rebuilt[0].event else { panic!("{:?}", rebuilt[0].event) };
+    assert_eq!((e.call_sid.as_str(), e.session_sid.as_str(), e.sequence_id), (CALL, GT_A, 2));
+    assert_eq!(e.timestamp.unwrap().to_rfc3339(), "2025-11-25T12:00:11.454203+00:00");
+    assert_eq!(
+        e.kind,
+        RealtimeKind::Content {
+            track: Some(Track::Outbound),
+            is_final: true,
+            text: Some("Thanks for calling Acme Dental.".into())
+        }
+    );
+    // Another business's segments, or only those received later, are not replayed.
+    let none = micro8gents::workers::transcripts::logged_segments(&app.pool, Some(BusinessId(b + 1)), None);
+    assert_eq!(none.collect::<Vec<_>>().await.len(), 0);
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let none = micro8gents::workers::transcripts::logged_segments(&app.pool, Some(BusinessId(b)), Some(later));
+    assert_eq!(none.collect::<Vec<_>>().await.len(), 0);
+
+    // A second environment (its own database and queues) fed by the replay.
+    let (staging, _twilio_2, b2) = spawn().await;
+    assert_eq!(b2, b, "both environments number their first business alike");
+    let broker = std::sync::Arc::new(Broker::new(staging.cfg.amqp_url.expose(), "replay-test", staging.topology()));
+    let publisher = Publisher::new(broker.clone(), staging.cfg.publish_timeout);
+    let filter = replay::Filter { provider: Provider::Twilio, business: Some(BusinessId(b)), since: None };
+    let done = replay::replay(&app.pool, &publisher, &staging.topology(), &filter).await.unwrap();
+    assert_eq!((done.published, done.skipped.len()), (4, 0));
+    transcript_becomes(&staging, b, text).await;
+    broker.close().await;
+    staging.stop().await;
     app.stop().await;
 }
 

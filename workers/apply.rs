@@ -142,6 +142,8 @@ async fn apply_claimed<A: Applier>(
         }
         Outcome::Retry(_) | Outcome::Park(_) | Outcome::Later => {}
         Outcome::Ignored(why) => writes.log(env, format!("ignored: {why}")),
+        // An event that is its own record (a Real-Time segment) is its own log entry too.
+        Outcome::Applied | Outcome::Flagged(_) if !A::claims_key(env) => {}
         Outcome::Applied | Outcome::Flagged(_) => writes.log(env, "applied".to_string()),
         Outcome::Duplicate => {}
     }

@@ -63,8 +63,11 @@ pub trait Applier: Send + Sync + 'static {
     /// the same transaction, and is [`Outcome::Duplicate`] when that row is
     /// already there. Such an event must never be applied twice by any other
     /// path, and its row must be kept at least as long as a key would be
-    /// (`EVENT_RETENTION`). A Real-Time Transcription segment is one: it is most
-    /// of a call's callbacks, and its key cost as much again as its row.
+    /// (`EVENT_RETENTION`). Its row is its event-log entry too: an applied one
+    /// gets no row in `webhook_worker.inbox`, so the row must hold all its
+    /// envelope held, and `replay` must rebuild the envelope from it (an ignored
+    /// one is logged as usual). A Real-Time Transcription segment is one: it is
+    /// most of a call's callbacks, and its key and log row cost twice its row.
     fn claims_key(env: &Envelope) -> bool {
         let _ = env;
         true

@@ -176,14 +176,18 @@ pub async fn apply_realtime(
     if let Some((track, text)) = e.segment() {
         // The segment claims no inbox key (`Calls::claims_key`): its row is the
         // record that it was applied, so one already there makes it a duplicate.
+        // It is its event's log entry too: with the two times, `replay` rebuilds the
+        // envelope from it ([`logged_segments`]).
         let inserted = sqlx::query(
-            "INSERT INTO webhook_worker.transcript_segments (session_id, sequence_id, outbound, text)
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            "INSERT INTO webhook_worker.transcript_segments (session_id, sequence_id, outbound, text, received_at, sent_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
         .bind(session)
         .bind(e.sequence_id)
         .bind(track == Track::Outbound)
         .bind(text)
+        .bind(received_at)
+        .bind(e.timestamp)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -567,6 +571,58 @@ async fn newest_intelligence_text(
     .await?;
     let lines: Vec<Line> = rows.into_iter().map(|(index, label, text)| Line { index, label, text }).collect();
     Ok(intelligence_text(&lines))
+}
+
+/// A kept segment's row, as [`logged_segments`] reads it.
+type SegmentRow = (i32, String, String, i64, bool, String, DateTime<Utc>, Option<DateTime<Utc>>);
+
+/// The events of the final segments applied since migration 0012, rebuilt
+/// from their rows (a segment is its own log entry: see `Calls::claims_key`),
+/// session by session and in `SequenceId` order within each; with `business`
+/// and `since` (received at or after), only those. The envelope is the one the
+/// worker received, but for `request_id` (never logged) and `received_at`,
+/// kept to the microsecond. Segments applied before 0012 are in the event log.
+pub fn logged_segments(
+    pool: &sqlx::PgPool,
+    business: Option<BusinessId>,
+    since: Option<DateTime<Utc>>,
+) -> futures_util::stream::BoxStream<'_, Result<crate::events::Envelope, sqlx::Error>> {
+    use futures_util::{StreamExt, TryStreamExt};
+    sqlx::query_as::<_, SegmentRow>(
+        "SELECT s.business_id, s.session_sid, s.call_sid, g.sequence_id, g.outbound, g.text, g.received_at, g.sent_at
+           FROM webhook_worker.transcript_sessions s
+           JOIN webhook_worker.transcript_segments g ON g.session_id = s.id
+          WHERE g.received_at IS NOT NULL
+            AND ($1::int IS NULL OR s.business_id = $1)
+            AND ($2::timestamptz IS NULL OR g.received_at >= $2)
+          ORDER BY s.id, g.sequence_id",
+    )
+    .bind(business.map(|b| b.0))
+    .bind(since)
+    .fetch(pool)
+    .map_ok(|(b, session_sid, call_sid, sequence_id, outbound, text, received_at, sent_at)| {
+        let event = RealtimeEvent {
+            call_sid,
+            session_sid,
+            sequence_id,
+            timestamp: sent_at,
+            kind: RealtimeKind::Content {
+                track: Some(if outbound { Track::Outbound } else { Track::Inbound }),
+                is_final: true,
+                text: Some(text),
+            },
+        };
+        let business = BusinessId(b);
+        crate::events::Envelope {
+            version: crate::events::ENVELOPE_VERSION,
+            key: crate::events::transcription::realtime_key(business, &event),
+            business_id: Some(business),
+            received_at,
+            request_id: String::new(),
+            event: crate::events::Event::TwilioRealtime(event),
+        }
+    })
+    .boxed()
 }
 
 /// Sessions whose segments one prune statement removes (about ten segments each).

@@ -9,7 +9,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::bus::{Publisher, Topology};
-use crate::events::Envelope;
+use crate::events::{Envelope, Provider};
 pub use crate::store::inbox::Filter;
 use crate::store::{event_log, inbox};
 
@@ -30,7 +30,9 @@ pub enum ReplayError {
     Publish { key: String, error: crate::bus::BusError },
 }
 
-/// Publishes every logged event that matches, oldest first, each confirmed before the next.
+/// Publishes every logged event that matches, oldest first, each confirmed
+/// before the next; then (Twilio) the Real-Time segments, which are their own
+/// log entries, session by session.
 pub async fn replay(
     pool: &PgPool,
     publisher: &Publisher,
@@ -50,6 +52,18 @@ pub async fn replay(
                     continue;
                 }
             };
+            publisher
+                .publish_envelope(topo, &env, &env.to_json(), None)
+                .await
+                .map_err(|error| ReplayError::Publish { key: env.key.clone(), error })?;
+            done.published += 1;
+            progress.update(done.published);
+        }
+    }
+    // Real-Time segments are their own log entries (migration 0012): rebuilt from their rows.
+    if filter.provider == Provider::Twilio {
+        let mut segments = crate::workers::transcripts::logged_segments(pool, filter.business, filter.since);
+        while let Some(env) = segments.try_next().await? {
             publisher
                 .publish_envelope(topo, &env, &env.to_json(), None)
                 .await

@@ -318,11 +318,17 @@ impl TestApp {
         }
     }
 
-    /// Waits until the worker has settled `n` events (applied, ignored or duplicate-free keys).
+    /// Waits until the worker has settled `n` events (applied or ignored): the
+    /// event log's rows and the Real-Time segments, which are their own log entries.
     pub async fn settled(&self, n: i64) {
         self.eventually(&format!("{n} events in the inbox"), || async {
-            let (count,): (i64,) =
-                sqlx::query_as("SELECT count(*) FROM webhook_worker.inbox").fetch_one(&self.pool).await.ok()?;
+            let (count,): (i64,) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM webhook_worker.inbox)
+                      + (SELECT count(*) FROM webhook_worker.transcript_segments WHERE received_at IS NOT NULL)",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .ok()?;
             (count >= n).then_some(())
         })
         .await
