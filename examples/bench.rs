@@ -1226,10 +1226,7 @@ async fn wait_settled(
     let started = Instant::now();
     let (mut last_n, mut last_change) = (-1i64, Instant::now());
     loop {
-        let n: i64 = sqlx::query_scalar(SETTLED_SINCE)
-            .bind(since)
-            .fetch_one(&mut *conn)
-            .await?;
+        let n: i64 = sqlx::query_scalar(SETTLED_SINCE).bind(since).fetch_one(&mut *conn).await?;
         if n as usize >= events {
             return Ok(started.elapsed());
         }
@@ -1276,10 +1273,7 @@ impl Check {
 }
 
 async fn check_rows(pool: &PgPool, since: DateTime<Utc>, e: &Expect) -> anyhow::Result<Check> {
-    let events: i64 = sqlx::query_scalar(SETTLED_SINCE)
-        .bind(since)
-        .fetch_one(pool)
-        .await?;
+    let events: i64 = sqlx::query_scalar(SETTLED_SINCE).bind(since).fetch_one(pool).await?;
     let outcomes: Vec<(String, i64)> = sqlx::query_as(
         "SELECT outcome, count(*) FROM webhook_worker.inbox WHERE applied_at >= $1 GROUP BY 1
          UNION ALL
