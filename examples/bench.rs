@@ -54,6 +54,10 @@ use micro8gents::verify::{standard_webhooks, stripe};
 use serde_json::json;
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
 
+/// The service's allocator (src/main.rs), so that the in-process service costs what `serve`/`work` do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PUBLIC_BASE_URL: &str = "https://hooks.bench.test";
 const STRIPE_SECRET: &str = "whsec_bench_5f2b8c1d9e7a4f60b3c2d1e0f9a8b7c6";
 const N8N_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

@@ -16,6 +16,10 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
+/// mimalloc, not glibc's malloc: see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Micro8gents webhook worker: verifies webhooks (Twilio, Stripe, n8n),
 /// carries them over RabbitMQ and applies them to Postgres.
 /// Settings come from the environment (see README).
