@@ -161,6 +161,15 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
             topology,
             cfg: cfg.clone(),
         });
+        if role.serves() {
+            // Before the first request: every business that exists is known, so a
+            // restart does not budget (and refuse) real businesses' first requests. If
+            // the database is down the ingress starts anyway; requests read one by one.
+            state.secrets.warm_logged().await;
+            let warm = state.clone();
+            let until = shutdown.clone();
+            tasks.push(tokio::spawn(async move { warm.secrets.keep_warm(until).await }));
+        }
         let app = if role.serves() { router(state) } else { operational_router(state) };
         let limits = ServeLimits {
             header_read_timeout: cfg.header_read_timeout,

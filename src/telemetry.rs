@@ -119,7 +119,10 @@ fn describe() {
         BODY_TIMEOUTS,
         "Requests answered 408 because their body did not arrive within BODY_READ_TIMEOUT."
     );
-    describe_counter!(SECRET_READS, "Database reads of per-business secrets (cache misses and re-checks).");
+    describe_counter!(
+        SECRET_READS,
+        "Database reads of per-business secrets (cache misses, re-checks, and one per warm-up of the cache)."
+    );
     describe_counter!(
         SECRET_READS_OVER_BUDGET,
         "Secret reads refused because SECRET_FRESH_READS_PER_SEC was spent (unknown ids, re-checks)."

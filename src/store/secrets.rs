@@ -14,6 +14,18 @@
 //! (an id never seen, or a re-check after a mismatch) needs a token from a shared
 //! budget (`governor`), so a flood of random ids costs a bounded number of queries
 //! per second and can't queue real lookups behind it on the pool.
+//!
+//! Warm-up ([`SecretStore::warm`]): an empty cache knows no business, so right after
+//! a start every real business's first request would be budgeted, and with more
+//! businesses than the budget's burst some are refused `503` (Twilio does not retry a
+//! status callback, so its event is lost). So the ingress, before it accepts
+//! requests and then every [`SecretStore::warm_every`] (half the time a business
+//! stays known), reads in one query the answer of every business that exists, for
+//! each provider with a per-business secret, the newest businesses first, as many as
+//! the cache holds (`capacity` answers), and caches exactly what the per-key read
+//! would have answered (secrets, or no active integration). It costs no budget
+//! tokens and counts as one read. Ids that don't exist are never warmed: a made-up
+//! id is still budgeted.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -23,7 +35,8 @@ use std::time::{Duration, Instant};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use moka::sync::Cache;
 use sqlx::PgPool;
-use tracing::warn;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::config::Secret;
 use crate::events::BusinessId;
@@ -179,6 +192,10 @@ pub struct SecretStore {
     /// too; a gate evicted while held costs at most one extra read.
     gates: Cache<Key, Arc<tokio::sync::Mutex<()>>>,
     budget: DefaultDirectRateLimiter,
+    /// How long an existing business's answer is kept (it is re-read after `ttl`).
+    known_for: Duration,
+    /// The most answers a warm-up caches (the cache's capacity).
+    capacity: u64,
     reads: AtomicU64,
     over_budget: AtomicU64,
 }
@@ -200,12 +217,14 @@ impl SecretStore {
             cache,
             gates,
             budget: RateLimiter::direct(Quota::per_second(per_sec).allow_burst(per_sec)),
+            known_for,
+            capacity: limits.capacity,
             reads: AtomicU64::new(0),
             over_budget: AtomicU64::new(0),
         }
     }
 
-    /// Database reads so far (the cache's misses and re-checks).
+    /// Database reads so far (the cache's misses and re-checks, and one per warm-up).
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
     }
@@ -266,12 +285,110 @@ impl SecretStore {
         self.reads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(telemetry::SECRET_READS).increment(1);
         let lookup = self.read(key.0, key.1).await?;
-        self.cache.insert(key, Entry { read_at, lookup: lookup.clone() });
+        self.remember(key, Entry { read_at, lookup: lookup.clone() });
         Ok(lookup)
     }
 
+    /// Caches an answer unless the cache holds one read later (a warm-up and a
+    /// per-key read may overlap). Returns whether it was cached.
+    fn remember(&self, key: Key, entry: Entry) -> bool {
+        use moka::ops::compute::{CompResult, Op};
+        let result = self.cache.entry(key).and_compute_with(|held| match held {
+            Some(held) if held.value().read_at > entry.read_at => Op::Nop,
+            _ => Op::Put(entry),
+        });
+        matches!(result, CompResult::Inserted(_) | CompResult::ReplacedWith(_))
+    }
+
+    /// How often the ingress warms the cache again ([`SecretStore::keep_warm`]): half the
+    /// time an existing business's answer is kept, so a business quiet for that long is
+    /// still known when it next calls and its request costs no budget.
+    pub fn warm_every(&self) -> Duration {
+        self.known_for / 2
+    }
+
+    /// Caches the answer of every business that exists, for each provider with a
+    /// per-business secret, as [`SecretStore::get`] would have read it one key at a
+    /// time: [`Lookup::Secrets`] or [`Lookup::NoActiveIntegration`] (never
+    /// `UnknownBusiness`: ids that don't exist stay budgeted). One query, newest
+    /// businesses (highest id) first, at most the cache's capacity in answers; it takes
+    /// no budget token and counts as one read. Returns how many answers it cached (an
+    /// answer read after the warm-up began is kept, not replaced).
+    pub async fn warm(&self) -> Result<usize, sqlx::Error> {
+        let kinds: Vec<(Provider, &'static str)> =
+            Provider::ALL.into_iter().filter_map(|p| p.secret().map(|f| (p, f.field))).collect();
+        if kinds.is_empty() {
+            return Ok(0);
+        }
+        let businesses = i64::try_from(self.capacity / kinds.len() as u64).unwrap_or(i64::MAX);
+        let read_at = Instant::now();
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::SECRET_READS).increment(1);
+        // Per business and kind, the rows `read` gets: the active integrations of that
+        // kind, newest first, or one row of NULLs when there is none.
+        let rows: Vec<WarmRow> = sqlx::query_as(
+            "WITH kinds (kind, field, n) AS (SELECT * FROM unnest($1::text[], $2::text[]) WITH ORDINALITY),
+                  known AS (SELECT id FROM public.businesses ORDER BY id DESC LIMIT $3)
+             SELECT b.id, k.n, i.id, i.config ->> k.field, i.config -> 'shared_keys'
+               FROM known b
+              CROSS JOIN kinds k
+               LEFT JOIN public.integrations i
+                 ON i.business_id = b.id AND i.type = k.kind AND i.status = 'active'
+              ORDER BY b.id DESC, k.n, i.id DESC",
+        )
+        .bind(kinds.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>())
+        .bind(kinds.iter().map(|(_, f)| *f).collect::<Vec<_>>())
+        .bind(businesses)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut cached = 0;
+        let mut rows = rows.into_iter().peekable();
+        while let Some((business, n, integration, secret, keys)) = rows.next() {
+            let mut group = vec![(integration, secret, keys)];
+            while let Some((_, _, i, s, k)) = rows.next_if(|r| r.0 == business && r.1 == n) {
+                group.push((i, s, k));
+            }
+            let Some(&(kind, _)) = usize::try_from(n - 1).ok().and_then(|n| kinds.get(n)) else { continue };
+            let business = BusinessId(business);
+            let lookup = answer(business, kind, group);
+            if self.remember((business, kind), Entry { read_at, lookup }) {
+                cached += 1;
+            }
+        }
+        Ok(cached)
+    }
+
+    /// [`SecretStore::warm`], its outcome logged: how many answers and how long it
+    /// took, or why it failed (never a secret). A failure leaves the per-request
+    /// reads to do the work.
+    pub async fn warm_logged(&self) {
+        let started = Instant::now();
+        match self.warm().await {
+            Ok(answers) => info!(answers, took = ?started.elapsed(), "secret cache warmed"),
+            Err(e) => warn!(
+                error = %e,
+                took = ?started.elapsed(),
+                "could not warm the secret cache; first requests will read their secrets one by one"
+            ),
+        }
+    }
+
+    /// Warms the cache every [`SecretStore::warm_every`] until `shutdown`.
+    pub async fn keep_warm(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.warm_every()) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.warm_logged() => {}
+            }
+        }
+    }
+
     async fn read(&self, business: BusinessId, kind: Provider) -> Result<Lookup, sqlx::Error> {
-        let rows: Vec<(Option<i32>, Option<String>, Option<serde_json::Value>)> = sqlx::query_as(
+        let rows: Vec<IntegrationRow> = sqlx::query_as(
             "SELECT i.id, i.config ->> $3, i.config -> 'shared_keys'
                FROM public.businesses b
                LEFT JOIN public.integrations i
@@ -284,37 +401,53 @@ impl SecretStore {
         .bind(kind.secret().map(|f| f.field))
         .fetch_all(&self.pool)
         .await?;
-        if rows.is_empty() {
-            return Ok(Lookup::UnknownBusiness);
-        }
-        let mut shared = Vec::new();
-        let secrets: Vec<Secret> = rows
-            .into_iter()
-            .filter_map(|(integration, s, keys)| {
-                let integration = integration?;
-                shared.extend(shared_keys(business, integration, keys));
-                Some((integration, s?))
-            })
-            .filter(|(_, s)| !s.is_empty())
-            .filter(|(integration, s)| match kind.secret().map_or(Ok(()), |f| (f.check)(s)) {
-                Ok(()) => true,
-                Err(problem) => {
-                    // An operator's mistake: said once per read (not per request), never with the secret.
-                    warn!(
-                        business = business.0,
-                        integration,
-                        kind = kind.as_str(),
-                        problem,
-                        "ignoring an active integration whose secret cannot be used"
-                    );
-                    false
-                }
-            })
-            .map(|(_, s)| Secret::new(s))
-            .collect();
-        if secrets.is_empty() {
-            return Ok(Lookup::NoActiveIntegration);
-        }
-        Ok(Lookup::Secrets(Arc::new(Keys { secrets, shared })))
+        Ok(answer(business, kind, rows))
     }
+}
+
+/// An active integration of one kind as read: its id, its secret (`config ->> field`)
+/// and `config -> 'shared_keys'`; all NULL for a business without one.
+type IntegrationRow = (Option<i32>, Option<String>, Option<serde_json::Value>);
+
+/// A warm-up's row: the business, the kind's position in the query's list of kinds
+/// (from 1), then an [`IntegrationRow`].
+type WarmRow = (i32, i64, Option<i32>, Option<String>, Option<serde_json::Value>);
+
+/// The answer for one business and kind from its rows (newest integration first), as
+/// both the per-key read and the warm-up get them: no row, the business does not
+/// exist; no usable secret (empty, or refused by the provider's check, which is
+/// logged), no active integration.
+fn answer(business: BusinessId, kind: Provider, rows: Vec<IntegrationRow>) -> Lookup {
+    if rows.is_empty() {
+        return Lookup::UnknownBusiness;
+    }
+    let mut shared = Vec::new();
+    let secrets: Vec<Secret> = rows
+        .into_iter()
+        .filter_map(|(integration, s, keys)| {
+            let integration = integration?;
+            shared.extend(shared_keys(business, integration, keys));
+            Some((integration, s?))
+        })
+        .filter(|(_, s)| !s.is_empty())
+        .filter(|(integration, s)| match kind.secret().map_or(Ok(()), |f| (f.check)(s)) {
+            Ok(()) => true,
+            Err(problem) => {
+                // An operator's mistake: said once per read (not per request), never with the secret.
+                warn!(
+                    business = business.0,
+                    integration,
+                    kind = kind.as_str(),
+                    problem,
+                    "ignoring an active integration whose secret cannot be used"
+                );
+                false
+            }
+        })
+        .map(|(_, s)| Secret::new(s))
+        .collect();
+    if secrets.is_empty() {
+        return Lookup::NoActiveIntegration;
+    }
+    Lookup::Secrets(Arc::new(Keys { secrets, shared }))
 }
