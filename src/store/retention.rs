@@ -80,19 +80,41 @@ pub async fn prune(pool: &PgPool, older_than: Duration) -> Result<Pruned, sqlx::
 pub async fn prune_before(pool: &PgPool, cut: DateTime<Utc>) -> Result<Pruned, sqlx::Error> {
     let kept_from = cut.date_naive();
     let mut pruned = Pruned { kept_from: Some(kept_from), ..Pruned::default() };
-    // The keys of the days about to be dropped: listed by their log, slice by slice.
-    let expiring: Vec<String> =
-        sqlx::query_scalar("SELECT partition FROM webhook_worker.inbox_partitions() WHERE day < $1")
-            .bind(kept_from)
-            .fetch_all(pool)
-            .await?;
-    for partition in &expiring {
-        let pages: i64 = sqlx::query_scalar(
-            "SELECT pg_relation_size(format('webhook_worker.%I', $1::text)::regclass) / current_setting('block_size')::int8",
+    let expiring = expiring_days(pool, kept_from).await?;
+    pruned.keys = delete_keys_of(pool, &expiring).await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    pruned.days = drop_days(&mut tx, &expiring).await?;
+    pruned.legacy_dropped = drop_expired_legacy(&mut tx, cut).await?;
+    tx.commit().await?;
+    // The same cut as the keys: what began before the first UTC day kept.
+    let day_cut = kept_from.and_time(chrono::NaiveTime::MIN).and_utc();
+    pruned.segments = crate::workers::transcripts::prune_segments_before(pool, day_cut).await?;
+    Ok(pruned)
+}
+
+/// The partitions of the event log whose day is before `kept_from`, oldest first.
+pub async fn expiring_days(pool: &PgPool, kept_from: NaiveDate) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT partition FROM webhook_worker.inbox_partitions() WHERE day < $1 ORDER BY day")
+        .bind(kept_from)
+        .fetch_all(pool)
+        .await
+}
+
+/// Deletes the keys the given partitions of the log list, [`PAGE_SLICE`] pages
+/// per statement, each its own transaction; returns how many it deleted.
+pub async fn delete_keys_of(pool: &PgPool, partitions: &[String]) -> Result<u64, sqlx::Error> {
+    let mut keys = 0;
+    for partition in partitions {
+        let pages: Option<i64> = sqlx::query_scalar(
+            "SELECT pg_relation_size(c.oid) / current_setting('block_size')::int8
+               FROM pg_class c WHERE c.oid = to_regclass(format('webhook_worker.%I', $1::text))",
         )
         .bind(partition)
-        .fetch_one(pool)
+        .fetch_optional(pool)
         .await?;
+        // Gone already: another process pruned it meanwhile.
+        let Some(pages) = pages else { continue };
         for first in (0..pages).step_by(PAGE_SLICE as usize) {
             let deleted: i64 = sqlx::query_scalar("SELECT webhook_worker.delete_keys_of_logged($1, $2, $3)")
                 .bind(partition)
@@ -100,20 +122,36 @@ pub async fn prune_before(pool: &PgPool, cut: DateTime<Utc>) -> Result<Pruned, s
                 .bind(PAGE_SLICE)
                 .fetch_one(pool)
                 .await?;
-            pruned.keys += deleted as u64;
+            keys += deleted as u64;
         }
     }
-    let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin().await?;
+    Ok(keys)
+}
+
+/// Drops the given partitions of the log, those still there, and no other: a
+/// partition of an expired day that appeared after its keys were deleted (a
+/// day copied in by `migrate`, a restore) waits for the next round, which
+/// deletes its keys first; dropping it now would leave its keys for ever.
+/// Returns the days dropped. Waits at most [`LOCK_TIMEOUT`] for the log's lock.
+pub async fn drop_days(tx: &mut PgConnection, partitions: &[String]) -> Result<Vec<NaiveDate>, sqlx::Error> {
     sqlx::query("SELECT set_config('lock_timeout', $1, true)").bind(LOCK_TIMEOUT).execute(&mut *tx).await?;
-    pruned.days =
-        sqlx::query_scalar("SELECT webhook_worker.drop_inbox_partitions($1)").bind(cut).fetch_all(&mut *tx).await?;
-    pruned.legacy_dropped = drop_expired_legacy(&mut tx, cut).await?;
-    tx.commit().await?;
-    // The same cut as the keys: what began before the first UTC day kept.
-    let day_cut = kept_from.and_time(chrono::NaiveTime::MIN).and_utc();
-    pruned.segments = crate::workers::transcripts::prune_segments_before(pool, day_cut).await?;
-    Ok(pruned)
+    // The lock `create_inbox_partitions` and `drop_inbox_partitions` take.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('webhook_worker.inbox partitions'))").execute(&mut *tx).await?;
+    let present: Vec<(String, NaiveDate)> = sqlx::query_as(
+        "SELECT partition, day FROM webhook_worker.inbox_partitions() WHERE partition = ANY($1) ORDER BY day",
+    )
+    .bind(partitions)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut days = Vec::with_capacity(present.len());
+    for (partition, day) in present {
+        // `inbox_partitions()` lists only `inbox_YYYYMMDD` children of the log; quoted all the same.
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE webhook_worker.\"{}\"", partition.replace('"', "\"\""))))
+            .execute(&mut *tx)
+            .await?;
+        days.push(day);
+    }
+    Ok(days)
 }
 
 /// The old inbox (before migration 0006), left only if `migrate` could not copy
