@@ -52,28 +52,35 @@ pub async fn replay(
                     continue;
                 }
             };
-            publisher
-                .publish_envelope(topo, &env, &env.to_json(), None)
-                .await
-                .map_err(|error| ReplayError::Publish { key: env.key.clone(), error })?;
-            done.published += 1;
-            progress.update(done.published);
+            publish(publisher, topo, &env, &mut done, &progress).await?;
         }
     }
     // Real-Time segments are their own log entries (migration 0012): rebuilt from their rows.
     if filter.provider == Provider::Twilio {
         let mut segments = crate::workers::transcripts::logged_segments(pool, filter.business, filter.since);
         while let Some(env) = segments.try_next().await? {
-            publisher
-                .publish_envelope(topo, &env, &env.to_json(), None)
-                .await
-                .map_err(|error| ReplayError::Publish { key: env.key.clone(), error })?;
-            done.published += 1;
-            progress.update(done.published);
+            publish(publisher, topo, &env, &mut done, &progress).await?;
         }
     }
     progress.finish(done.published);
     Ok(done)
+}
+
+/// Publishes one envelope again, confirmed, and counts it.
+async fn publish(
+    publisher: &Publisher,
+    topo: &Topology,
+    env: &Envelope,
+    done: &mut Replayed,
+    progress: &Progress,
+) -> Result<(), ReplayError> {
+    publisher
+        .publish_envelope(topo, env, &env.to_json(), None)
+        .await
+        .map_err(|error| ReplayError::Publish { key: env.key.clone(), error })?;
+    done.published += 1;
+    progress.update(done.published);
+    Ok(())
 }
 
 /// `--since`: an RFC 3339 time, or a duration back from now (`2h`, `30m`).
