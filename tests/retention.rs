@@ -409,24 +409,9 @@ async fn pruning_while_events_are_applied_loses_nothing() {
 
 #[tokio::test]
 async fn an_old_inbox_is_copied_within_the_retention_and_then_dropped() {
-    use sqlx::Connection;
-    let name = format!("m8_test_legacy_{}", uuid::Uuid::new_v4().simple());
-    let admin = common::admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
-    let mut url = url::Url::parse(&admin).unwrap();
-    url.set_path(&name);
-    let vars = std::collections::HashMap::from([("DATABASE_URL".to_string(), url.to_string())]);
-    let cfg = micro8gents::config::Config::from_vars(&vars).unwrap();
-
     // A deployment from before migration 0006, with a month and a half of events.
-    let mut db = sqlx::PgConnection::connect(url.as_str()).await.unwrap();
-    sqlx::query("CREATE SCHEMA webhook_worker").execute(&mut db).await.unwrap();
-    sqlx::query("SET search_path TO webhook_worker").execute(&mut db).await.unwrap();
-    let old = sqlx::migrate::Migrator::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))
-        .await
-        .unwrap();
-    old.run_to(5, &mut db).await.unwrap();
+    let mut old = common::OldDeployment::at(5, "legacy").await;
+    let (db, cfg, url) = (&mut old.conn, old.cfg.clone(), old.url.clone());
     let envelope = |key: &str, at: chrono::DateTime<Utc>| {
         format!(
             r#"{{"version":1,"key":"{key}","business_id":null,"received_at":"{}","request_id":"r","event":{{"kind":"stripe_other","data":{{"id":"x","event_type":"customer.created","created":"{}","api_version":null,"object":{{"object":"customer","id":"cus_1"}}}}}}}}"#,
@@ -444,14 +429,13 @@ async fn an_old_inbox_is_copied_within_the_retention_and_then_dropped() {
         .bind(&key)
         .bind(at)
         .bind(envelope(&key, at))
-        .execute(&mut db)
+        .execute(&mut *db)
         .await
         .unwrap();
     }
-    db.close().await.unwrap();
 
     micro8gents::store::migrate(&cfg).await.unwrap();
-    let pool = PgPool::connect(url.as_str()).await.unwrap();
+    let pool = PgPool::connect(&url).await.unwrap();
     let legacy: bool =
         sqlx::query_scalar("SELECT to_regclass('webhook_worker.inbox_legacy') IS NULL").fetch_one(&pool).await.unwrap();
     assert!(legacy, "the old inbox is dropped once copied");
@@ -482,5 +466,5 @@ async fn an_old_inbox_is_copied_within_the_retention_and_then_dropped() {
     assert_eq!(per_day(&pool).await.0.values().sum::<i64>(), 2);
 
     pool.close().await;
-    sqlx::query(AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut conn).await.unwrap();
+    old.drop_database().await;
 }

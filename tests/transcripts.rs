@@ -741,23 +741,8 @@ async fn a_replay_rebuilds_segments_from_their_rows_for_another_environment() {
 /// keeps every one of them under the session's number after migrating.
 #[tokio::test]
 async fn segments_kept_by_session_sid_move_under_the_session_number() {
-    use sqlx::Connection;
-    let name = format!("m8_test_segments_{}", uuid::Uuid::new_v4().simple());
-    let admin = common::admin_url();
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
-    let mut url = url::Url::parse(&admin).unwrap();
-    url.set_path(&name);
-    let vars = std::collections::HashMap::from([("DATABASE_URL".to_string(), url.to_string())]);
-    let cfg = micro8gents::config::Config::from_vars(&vars).unwrap();
-
-    let mut db = sqlx::PgConnection::connect(url.as_str()).await.unwrap();
-    sqlx::query("CREATE SCHEMA webhook_worker").execute(&mut db).await.unwrap();
-    sqlx::query("SET search_path TO webhook_worker").execute(&mut db).await.unwrap();
-    let migrator = sqlx::migrate::Migrator::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))
-        .await
-        .unwrap();
-    migrator.run_to(9, &mut db).await.unwrap();
+    let mut old = common::OldDeployment::at(9, "segments").await;
+    let (db, cfg, url) = (&mut old.conn, old.cfg.clone(), old.url.clone());
     // Two businesses whose sessions happen to share a SID: each keeps its own segments.
     for (business, texts) in [(7, ["Hello", "Hi there"]), (8, ["Other", "Business"])] {
         sqlx::query(
@@ -767,7 +752,7 @@ async fn segments_kept_by_session_sid_move_under_the_session_number() {
         .bind(business)
         .bind(GT_A)
         .bind(CALL)
-        .execute(&mut db)
+        .execute(&mut *db)
         .await
         .unwrap();
         for (seq, text) in texts.iter().enumerate() {
@@ -780,15 +765,14 @@ async fn segments_kept_by_session_sid_move_under_the_session_number() {
             .bind(seq == 1)
             .bind(GT_A)
             .bind(*text)
-            .execute(&mut db)
+            .execute(&mut *db)
             .await
             .unwrap();
         }
     }
-    db.close().await.unwrap();
 
     micro8gents::store::migrate(&cfg).await.unwrap();
-    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let rows: Vec<(i32, String, i64, bool, String)> = sqlx::query_as(
         "SELECT s.business_id, s.session_sid, g.sequence_id, g.outbound, g.text
            FROM webhook_worker.transcript_segments g JOIN webhook_worker.transcript_sessions s ON s.id = g.session_id
@@ -808,5 +792,5 @@ async fn segments_kept_by_session_sid_move_under_the_session_number() {
         ]
     );
     pool.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut conn).await.unwrap();
+    old.drop_database().await;
 }

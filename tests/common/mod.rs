@@ -51,6 +51,47 @@ fn database_url(admin: &str, name: &str) -> String {
     url.to_string()
 }
 
+/// A database of its own whose worker schema is migrated only to `version`: a
+/// deployment from before a later migration. `conn` is open on it (search path
+/// `webhook_worker`) for the test to fill; `cfg` points `migrate` at it.
+pub struct OldDeployment {
+    pub name: String,
+    pub url: String,
+    pub cfg: Config,
+    pub conn: sqlx::PgConnection,
+    admin: sqlx::PgConnection,
+}
+
+impl OldDeployment {
+    pub async fn at(version: i64, prefix: &str) -> Self {
+        use sqlx::Connection;
+        let name = format!("m8_test_{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let admin_url = admin_url();
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+        let url = database_url(&admin_url, &name);
+        let vars = std::collections::HashMap::from([("DATABASE_URL".to_string(), url.clone())]);
+        let cfg = Config::from_vars(&vars).unwrap();
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("CREATE SCHEMA webhook_worker").execute(&mut conn).await.unwrap();
+        sqlx::query("SET search_path TO webhook_worker").execute(&mut conn).await.unwrap();
+        let migrator =
+            sqlx::migrate::Migrator::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))
+                .await
+                .unwrap();
+        migrator.run_to(version, &mut conn).await.unwrap();
+        OldDeployment { name, url, cfg, conn, admin }
+    }
+
+    /// Drops the database (after the test's pools are closed).
+    pub async fn drop_database(mut self) {
+        use sqlx::Connection;
+        let _ = self.conn.close().await;
+        let drop = format!("DROP DATABASE {} WITH (FORCE)", self.name);
+        sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut self.admin).await.unwrap();
+    }
+}
+
 pub struct TestApp {
     pub base: String,
     /// A direct connection to the test's database (never through a proxy).
