@@ -165,36 +165,26 @@ pub async fn apply_realtime(
     // The call's lock first: two workers with segments of one call take turns,
     // and the second recomputes with the first one's segment committed.
     writes.call(tx, business, &e.call_sid).await?;
-    let session = match record_session(tx, business, e, at).await? {
-        SessionState::Kept(id) => id,
+    let segment = e.segment().map(|(track, text)| NewSegment {
+        sequence_id: e.sequence_id,
+        outbound: track == Track::Outbound,
+        text,
+        received_at,
+        sent_at: e.timestamp,
+    });
+    let session = match record_session(tx, business, e, at, segment.as_ref()).await? {
+        // The segment claims no inbox key (`Calls::claims_key`): its row is the
+        // record that it was applied, so one already there makes it a duplicate.
+        // It is its event's log entry too: with the two times, `replay` rebuilds the
+        // envelope from it ([`logged_segments`]).
+        SessionState::Kept { segment_inserted: false, .. } if segment.is_some() => return Ok(Outcome::Duplicate),
+        SessionState::Kept { id, .. } => id,
         SessionState::Pruned => {
             return Ok(Outcome::Ignored(
                 "the session's segments were removed after EVENT_RETENTION; the call's transcript stays as it is",
             ));
         }
     };
-    if let Some((track, text)) = e.segment() {
-        // The segment claims no inbox key (`Calls::claims_key`): its row is the
-        // record that it was applied, so one already there makes it a duplicate.
-        // It is its event's log entry too: with the two times, `replay` rebuilds the
-        // envelope from it ([`logged_segments`]).
-        let inserted = sqlx::query(
-            "INSERT INTO webhook_worker.transcript_segments (session_id, sequence_id, outbound, text, received_at, sent_at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-        )
-        .bind(session)
-        .bind(e.sequence_id)
-        .bind(track == Track::Outbound)
-        .bind(text)
-        .bind(received_at)
-        .bind(e.timestamp)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            return Ok(Outcome::Duplicate);
-        }
-    }
     let with_text = match e.kind {
         RealtimeKind::Stopped => Some(session_has_text(tx, session).await?),
         _ => None,
@@ -231,20 +221,37 @@ async fn session_has_text(tx: &mut PgConnection, session: i64) -> Result<bool, s
 /// the session's number, which its segments carry.
 #[derive(Debug, PartialEq, Eq)]
 enum SessionState {
-    Kept(i64),
+    /// Kept; `segment_inserted`: the event's segment is a new row (false: there was
+    /// one already, or the event has none).
+    Kept {
+        id: i64,
+        segment_inserted: bool,
+    },
     Pruned,
+}
+
+/// A final segment to keep, with its session.
+struct NewSegment<'a> {
+    sequence_id: i64,
+    outbound: bool,
+    text: &'a str,
+    received_at: DateTime<Utc>,
+    sent_at: Option<DateTime<Utc>>,
 }
 
 /// Creates or updates the session: its earliest time, its labels (only
 /// `transcription-started` carries them), whether it stopped. A segment that
 /// changes none of these (nearly all of them) writes nothing: the row is read,
 /// not rewritten, so a session is not a new row version per segment (dead
-/// tuples and ~200 bytes of WAL each).
+/// tuples and ~200 bytes of WAL each). The event's segment, if any, is inserted
+/// under the session in the same statement (one round trip per segment), unless
+/// the session's segments were pruned.
 async fn record_session(
     tx: &mut PgConnection,
     business: BusinessId,
     e: &RealtimeEvent,
     at: NaiveDateTime,
+    segment: Option<&NewSegment<'_>>,
 ) -> Result<SessionState, sqlx::Error> {
     let (started, inbound, outbound) = match &e.kind {
         RealtimeKind::Started { inbound_label, outbound_label } => {
@@ -252,7 +259,7 @@ async fn record_session(
         }
         _ => (false, None, None),
     };
-    let written: Option<(i64, bool)> = sqlx::query_as(
+    let written: Option<(i64, bool, i64)> = sqlx::query_as(
         "WITH up AS (
              INSERT INTO webhook_worker.transcript_sessions
                  (business_id, session_sid, call_sid, first_at, inbound_label, outbound_label, stopped)
@@ -264,11 +271,18 @@ async fn record_session(
                  stopped = transcript_sessions.stopped OR EXCLUDED.stopped
              WHERE $8 OR EXCLUDED.first_at < transcript_sessions.first_at
                 OR (EXCLUDED.stopped AND NOT transcript_sessions.stopped)
-             RETURNING id, segments_pruned)
-         SELECT id, segments_pruned FROM up
-         UNION ALL
-         SELECT id, segments_pruned FROM webhook_worker.transcript_sessions
-          WHERE business_id = $1 AND session_sid = $2 AND NOT EXISTS (SELECT 1 FROM up)",
+             RETURNING id, segments_pruned),
+         s AS (
+             SELECT id, segments_pruned FROM up
+             UNION ALL
+             SELECT id, segments_pruned FROM webhook_worker.transcript_sessions
+              WHERE business_id = $1 AND session_sid = $2 AND NOT EXISTS (SELECT 1 FROM up)),
+         g AS (
+             INSERT INTO webhook_worker.transcript_segments (session_id, sequence_id, outbound, text, received_at, sent_at)
+             SELECT s.id, $10, $11, $12, $13, $14 FROM s WHERE $9 AND NOT s.segments_pruned
+             ON CONFLICT DO NOTHING
+             RETURNING 1)
+         SELECT id, segments_pruned, (SELECT count(*) FROM g) FROM s",
     )
     .bind(business.0)
     .bind(&e.session_sid)
@@ -278,59 +292,85 @@ async fn record_session(
     .bind(outbound)
     .bind(matches!(e.kind, RealtimeKind::Stopped))
     .bind(started)
+    .bind(segment.is_some())
+    .bind(segment.map_or(0, |g| g.sequence_id))
+    .bind(segment.is_some_and(|g| g.outbound))
+    .bind(segment.map_or("", |g| g.text))
+    .bind(segment.map(|g| g.received_at))
+    .bind(segment.and_then(|g| g.sent_at))
     .fetch_optional(&mut *tx)
     .await?;
-    // Nothing: the row was committed by another transaction after this
-    // statement's snapshot was taken (the conflict saw it, the read did not).
-    let (id, pruned) = match written {
+    let (id, pruned, inserted) = match written {
         Some(row) => row,
+        // Nothing: the row was committed by another transaction after this
+        // statement's snapshot was taken (the conflict saw it, the read did not).
         None => {
-            sqlx::query_as(
+            let (id, pruned): (i64, bool) = sqlx::query_as(
                 "SELECT id, segments_pruned FROM webhook_worker.transcript_sessions
                   WHERE business_id = $1 AND session_sid = $2",
             )
             .bind(business.0)
             .bind(&e.session_sid)
             .fetch_one(&mut *tx)
-            .await?
+            .await?;
+            let inserted = match segment {
+                Some(g) if !pruned => insert_segment(tx, id, g).await?,
+                _ => 0,
+            };
+            (id, pruned, inserted)
         }
     };
-    Ok(if pruned { SessionState::Pruned } else { SessionState::Kept(id) })
+    Ok(if pruned { SessionState::Pruned } else { SessionState::Kept { id, segment_inserted: inserted > 0 } })
 }
 
+/// Keeps a segment under its session; 0 if it was there already.
+async fn insert_segment(tx: &mut PgConnection, session: i64, g: &NewSegment<'_>) -> Result<i64, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO webhook_worker.transcript_segments (session_id, sequence_id, outbound, text, received_at, sent_at)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(session)
+    .bind(g.sequence_id)
+    .bind(g.outbound)
+    .bind(g.text)
+    .bind(g.received_at)
+    .bind(g.sent_at)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(inserted as i64)
+}
+
+/// The call's sessions and their segments, in one statement (a row per segment,
+/// one with no segment for a session that has none).
 async fn realtime_pieces(
     tx: &mut PgConnection,
     business: BusinessId,
     call_sid: &str,
 ) -> Result<(Vec<Session>, Vec<Segment>), sqlx::Error> {
-    let sessions: Vec<Session> = sqlx::query_as(
-        "SELECT session_sid, first_at, inbound_label, outbound_label
-           FROM webhook_worker.transcript_sessions WHERE business_id = $1 AND call_sid = $2",
-    )
-    .bind(business.0)
-    .bind(call_sid)
-    .fetch_all(&mut *tx)
-    .await?;
+    type Row = (String, NaiveDateTime, Option<String>, Option<String>, Option<i64>, Option<bool>, Option<String>);
     // Through the call's sessions: a segment names its session, not its call.
-    let rows: Vec<(String, i64, bool, String)> = sqlx::query_as(
-        "SELECT s.session_sid, g.sequence_id, g.outbound, g.text
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT s.session_sid, s.first_at, s.inbound_label, s.outbound_label, g.sequence_id, g.outbound, g.text
            FROM webhook_worker.transcript_sessions s
-           JOIN webhook_worker.transcript_segments g ON g.session_id = s.id
+           LEFT JOIN webhook_worker.transcript_segments g ON g.session_id = s.id
           WHERE s.business_id = $1 AND s.call_sid = $2",
     )
     .bind(business.0)
     .bind(call_sid)
     .fetch_all(&mut *tx)
     .await?;
-    let segments = rows
-        .into_iter()
-        .map(|(session_sid, sequence_id, outbound, text)| Segment {
-            session_sid,
-            sequence_id,
-            track: if outbound { Track::Outbound } else { Track::Inbound },
-            text,
-        })
-        .collect();
+    let mut sessions: Vec<Session> = Vec::new();
+    let mut segments = Vec::with_capacity(rows.len());
+    for (session_sid, first_at, inbound_label, outbound_label, sequence_id, outbound, text) in rows {
+        if !sessions.iter().any(|s| s.session_sid == session_sid) {
+            sessions.push(Session { session_sid: session_sid.clone(), first_at, inbound_label, outbound_label });
+        }
+        if let (Some(sequence_id), Some(outbound), Some(text)) = (sequence_id, outbound, text) {
+            let track = if outbound { Track::Outbound } else { Track::Inbound };
+            segments.push(Segment { session_sid, sequence_id, track, text });
+        }
+    }
     Ok((sessions, segments))
 }
 
