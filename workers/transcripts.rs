@@ -259,7 +259,12 @@ async fn record_session(
         }
         _ => (false, None, None),
     };
-    let written: Option<(i64, bool, i64)> = sqlx::query_as(
+    // A statement that finds nothing met a row committed by another transaction
+    // after its snapshot was taken (the conflict saw it, the read did not): the
+    // same statement again, with a new snapshot, reads it (and keeps the segment).
+    let mut written: Option<(i64, bool, i64)> = None;
+    for _ in 0..2 {
+        written = sqlx::query_as(
         "WITH up AS (
              INSERT INTO webhook_worker.transcript_sessions
                  (business_id, session_sid, call_sid, first_at, inbound_label, outbound_label, stopped)
@@ -284,61 +289,28 @@ async fn record_session(
              RETURNING 1)
          SELECT id, segments_pruned, (SELECT count(*) FROM g) FROM s",
     )
-    .bind(business.0)
-    .bind(&e.session_sid)
-    .bind(&e.call_sid)
-    .bind(at)
-    .bind(inbound)
-    .bind(outbound)
-    .bind(matches!(e.kind, RealtimeKind::Stopped))
-    .bind(started)
-    .bind(segment.is_some())
-    .bind(segment.map_or(0, |g| g.sequence_id))
-    .bind(segment.is_some_and(|g| g.outbound))
-    .bind(segment.map_or("", |g| g.text))
-    .bind(segment.map(|g| g.received_at))
-    .bind(segment.and_then(|g| g.sent_at))
-    .fetch_optional(&mut *tx)
-    .await?;
-    let (id, pruned, inserted) = match written {
-        Some(row) => row,
-        // Nothing: the row was committed by another transaction after this
-        // statement's snapshot was taken (the conflict saw it, the read did not).
-        None => {
-            let (id, pruned): (i64, bool) = sqlx::query_as(
-                "SELECT id, segments_pruned FROM webhook_worker.transcript_sessions
-                  WHERE business_id = $1 AND session_sid = $2",
-            )
-            .bind(business.0)
-            .bind(&e.session_sid)
-            .fetch_one(&mut *tx)
-            .await?;
-            let inserted = match segment {
-                Some(g) if !pruned => insert_segment(tx, id, g).await?,
-                _ => 0,
-            };
-            (id, pruned, inserted)
+        .bind(business.0)
+        .bind(&e.session_sid)
+        .bind(&e.call_sid)
+        .bind(at)
+        .bind(&inbound)
+        .bind(&outbound)
+        .bind(matches!(e.kind, RealtimeKind::Stopped))
+        .bind(started)
+        .bind(segment.is_some())
+        .bind(segment.map_or(0, |g| g.sequence_id))
+        .bind(segment.is_some_and(|g| g.outbound))
+        .bind(segment.map_or("", |g| g.text))
+        .bind(segment.map(|g| g.received_at))
+        .bind(segment.and_then(|g| g.sent_at))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if written.is_some() {
+            break;
         }
-    };
+    }
+    let (id, pruned, inserted) = written.ok_or(sqlx::Error::RowNotFound)?;
     Ok(if pruned { SessionState::Pruned } else { SessionState::Kept { id, segment_inserted: inserted > 0 } })
-}
-
-/// Keeps a segment under its session; 0 if it was there already.
-async fn insert_segment(tx: &mut PgConnection, session: i64, g: &NewSegment<'_>) -> Result<i64, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO webhook_worker.transcript_segments (session_id, sequence_id, outbound, text, received_at, sent_at)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-    )
-    .bind(session)
-    .bind(g.sequence_id)
-    .bind(g.outbound)
-    .bind(g.text)
-    .bind(g.received_at)
-    .bind(g.sent_at)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    Ok(inserted as i64)
 }
 
 /// The call's sessions and their segments, in one statement (a row per segment,
