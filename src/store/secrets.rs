@@ -282,11 +282,16 @@ impl SecretStore {
             return Err(LookupError::OverBudget);
         }
         let read_at = Instant::now();
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(telemetry::SECRET_READS).increment(1);
+        self.count_read();
         let lookup = self.read(key.0, key.1).await?;
         self.remember(key, Entry { read_at, lookup: lookup.clone() });
         Ok(lookup)
+    }
+
+    /// One database read of secrets, in `reads()` and its metric.
+    fn count_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::SECRET_READS).increment(1);
     }
 
     /// Caches an answer unless the cache holds one read later (a warm-up and a
@@ -322,8 +327,7 @@ impl SecretStore {
         }
         let businesses = i64::try_from(self.capacity / kinds.len() as u64).unwrap_or(i64::MAX);
         let read_at = Instant::now();
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(telemetry::SECRET_READS).increment(1);
+        self.count_read();
         // Per business and kind, the rows `read` gets: the active integrations of that
         // kind, newest first, or one row of NULLs when there is none.
         let rows: Vec<WarmRow> = sqlx::query_as(
