@@ -93,6 +93,8 @@ pub struct Config {
     pub stripe_webhook_secrets: Vec<Secret>,
     pub body_limit_bytes: usize,
     pub publish_timeout: Duration,
+    /// The most accepted events the ingress publishes in one message (1: one event per message).
+    pub publish_pack: usize,
     pub secret_cache_ttl: Duration,
     /// The most (business, provider) answers the secret cache keeps.
     pub secret_cache_capacity: u64,
@@ -183,6 +185,7 @@ impl Config {
             stripe_webhook_secrets: env.secret_list("STRIPE_WEBHOOK_SECRET")?,
             body_limit_bytes: env.body_limit("BODY_LIMIT_BYTES", 1024 * 1024)?,
             publish_timeout: env.duration("PUBLISH_TIMEOUT", "5s")?,
+            publish_pack: env.at_most("PUBLISH_PACK", 64, 1000)?,
             secret_cache_ttl: env.duration("SECRET_CACHE_TTL", "2s")?,
             secret_cache_capacity: env.positive("SECRET_CACHE_CAPACITY", 10_000)?,
             secret_fresh_reads_per_sec: env
@@ -236,6 +239,7 @@ impl Config {
             ("STRIPE_WEBHOOK_SECRET", secrets),
             ("BODY_LIMIT_BYTES", self.body_limit_bytes.to_string()),
             ("PUBLISH_TIMEOUT", fmt_duration(self.publish_timeout)),
+            ("PUBLISH_PACK", self.publish_pack.to_string()),
             ("SECRET_CACHE_TTL", fmt_duration(self.secret_cache_ttl)),
             ("SECRET_CACHE_CAPACITY", self.secret_cache_capacity.to_string()),
             ("SECRET_FRESH_READS_PER_SEC", self.secret_fresh_reads_per_sec.to_string()),

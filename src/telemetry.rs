@@ -23,6 +23,7 @@ pub const EVENTS_REJECTED: &str = "micro8gents_events_rejected_total";
 pub const EVENTS_DUPLICATE: &str = "micro8gents_events_duplicate_total";
 pub const HTTP_DURATION: &str = "micro8gents_http_request_duration_seconds";
 pub const PUBLISH_CONFIRM_DURATION: &str = "micro8gents_publish_confirm_duration_seconds";
+pub const EVENT_MESSAGES_PUBLISHED: &str = "micro8gents_event_messages_published_total";
 pub const APPLY_DURATION: &str = "micro8gents_apply_duration_seconds";
 pub const BATCHES: &str = "micro8gents_batches_total";
 pub const EVENTS_APPLIED: &str = "micro8gents_events_applied_total";
@@ -98,6 +99,10 @@ fn describe() {
     );
     describe_histogram!(HTTP_DURATION, metrics::Unit::Seconds, "Time from request to answer on a webhook endpoint.");
     describe_histogram!(PUBLISH_CONFIRM_DURATION, metrics::Unit::Seconds, "Time from publish to the broker's confirm.");
+    describe_counter!(
+        EVENT_MESSAGES_PUBLISHED,
+        "Messages the ingress published for accepted events; accepted events per message is the packing (PUBLISH_PACK)."
+    );
     describe_histogram!(APPLY_DURATION, metrics::Unit::Seconds, "Time to apply one batch to Postgres.");
     describe_counter!(BATCHES, "Batches applied by the workers.");
     describe_counter!(EVENTS_APPLIED, "Events that changed the database.");

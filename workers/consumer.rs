@@ -1,18 +1,18 @@
 //! The consumer side of a family: one channel, its lanes, batches and acks.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, message::Delivery};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Applier, Outcome, WorkerContext, apply, settle};
-use crate::bus::{ATTEMPT_HEADER, BusError, header_int, header_str};
+use crate::bus::{ATTEMPT_HEADER, BusError, header_int, header_str, pack};
 use crate::events::Envelope;
 use crate::providers::Family;
 use crate::telemetry;
@@ -69,9 +69,9 @@ async fn consume<A: Applier>(ctx: &Arc<WorkerContext>, shutdown: &CancellationTo
     for _ in 0..lanes {
         let (tx, rx) = tokio::sync::mpsc::channel(usize::from(ctx.prefetch).max(1));
         senders.push(tx);
-        let (ctx, ch, acks, failed) = (ctx.clone(), ch.clone(), acks.clone(), failed.clone());
+        let (ctx, acks, failed) = (ctx.clone(), acks.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
-            let result = lane::<A>(&ctx, &ch, &acks, rx, &failed).await;
+            let result = lane::<A>(&ctx, &acks, rx, &failed).await;
             if result.is_err() {
                 failed.cancel();
             }
@@ -95,9 +95,20 @@ async fn consume<A: Applier>(ctx: &Arc<WorkerContext>, shutdown: &CancellationTo
                 break;
             }
         };
-        let item = Item::new(delivery, A::FAMILY);
-        let lane = lane_of(&item, lanes);
-        if senders[lane].send(item).await.is_err() {
+        // A pack's events go each to its own lane; its message is acked when all are settled.
+        let items = Item::split(delivery, A::FAMILY);
+        if let [first, _, ..] = items.as_slice() {
+            acks.expect(first.tag, items.len()).await;
+        }
+        let mut stopped = false;
+        for item in items {
+            let lane = lane_of(&item, lanes);
+            if senders[lane].send(item).await.is_err() {
+                stopped = true;
+                break;
+            }
+        }
+        if stopped {
             break;
         }
     }
@@ -138,7 +149,6 @@ fn lane_of(item: &Item, lanes: usize) -> usize {
 /// Unacknowledged until applied: if the lane stops first, the broker requeues them.
 async fn lane<A: Applier>(
     ctx: &WorkerContext,
-    ch: &Channel,
     acks: &Acks,
     mut rx: tokio::sync::mpsc::Receiver<Item>,
     stop: &CancellationToken,
@@ -158,7 +168,7 @@ async fn lane<A: Applier>(
             }
             fill_batch(ctx, &mut rx, std::mem::take(&mut later)).await
         };
-        later = process_batch::<A>(ctx, ch, acks, batch, stop).await?;
+        later = process_batch::<A>(ctx, acks, batch, stop).await?;
     }
 }
 
@@ -178,9 +188,17 @@ async fn fill_batch(
     batch
 }
 
-/// One message of a batch: its delivery, its try count and, if it decoded, its envelope.
+/// One event of a batch: the message it came in (alone or in a pack), its own
+/// bytes, its try count and, if it decoded, its envelope.
 pub struct Item {
-    pub delivery: Delivery,
+    /// The delivery tag of its message (shared by the events of a pack).
+    pub tag: u64,
+    /// The event's own bytes: the message body, or its part of the pack.
+    pub body: Vec<u8>,
+    /// The message id it is republished with (its key; a pack's own id if it is one undecodable pack).
+    pub message_id: String,
+    /// The `type` it is republished with.
+    pub kind: String,
     pub attempt: i64,
     /// The W3C trace the message arrived in (set by the ingress).
     pub traceparent: Option<String>,
@@ -194,20 +212,77 @@ pub struct Item {
 pub const MOST_DEFERRALS: u32 = 20;
 
 impl Item {
-    /// The exact bytes it arrived as (logged in the inbox as they are).
-    pub fn raw(&self) -> &str {
-        std::str::from_utf8(&self.delivery.data).unwrap_or("{}")
+    /// The events a message holds: itself, or each event of a pack ([`pack`]).
+    /// A pack that does not split is one undecodable item, parked whole.
+    pub fn split(delivery: Delivery, family: Family) -> Vec<Item> {
+        let props = &delivery.properties;
+        let attempt = attempt_of(header_int(props, ATTEMPT_HEADER));
+        let message_id = props.message_id().as_ref().map_or_else(String::new, |m| m.to_string());
+        let kind = props.kind().as_ref().map_or_else(|| "unknown".to_string(), |k| k.to_string());
+        let parts = match pack::is_pack(&delivery.data).then(|| pack::split(&delivery.data)) {
+            None => None,
+            Some(Ok(parts)) => Some(parts),
+            Some(Err(reason)) => {
+                let item = Item::of(delivery.delivery_tag, delivery.data.clone(), message_id, kind, attempt, family);
+                return vec![Item { envelope: Err(reason), traceparent: None, ..item }];
+            }
+        };
+        let Some(parts) = parts else {
+            let traceparent = header_str(props, TRACEPARENT);
+            let item = Item::of(delivery.delivery_tag, delivery.data, message_id, kind, attempt, family);
+            return vec![Item { traceparent, ..item }];
+        };
+        let traceparents = traceparents(props);
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, part)| {
+                let mut item = Item::of(
+                    delivery.delivery_tag,
+                    part.as_bytes().to_vec(),
+                    String::new(),
+                    String::new(),
+                    attempt,
+                    family,
+                );
+                (item.message_id, item.kind) = match &item.envelope {
+                    Ok(env) => (env.key.clone(), env.event.kind().to_string()),
+                    Err(_) => (format!("{message_id} #{}", i + 1), "unknown".to_string()),
+                };
+                item.traceparent = traceparents.get(i).filter(|t| !t.is_empty()).cloned();
+                item
+            })
+            .collect()
     }
 
-    fn new(delivery: Delivery, family: Family) -> Self {
+    fn of(tag: u64, body: Vec<u8>, message_id: String, kind: String, attempt: i64, family: Family) -> Item {
         Item {
-            attempt: attempt_of(header_int(&delivery.properties, ATTEMPT_HEADER)),
-            traceparent: header_str(&delivery.properties, TRACEPARENT),
-            envelope: Envelope::from_json(&delivery.data).and_then(|env| of_family(env, family)),
-            delivery,
+            envelope: Envelope::from_json(&body).and_then(|env| of_family(env, family)),
+            tag,
+            body,
+            message_id,
+            kind,
+            attempt,
+            traceparent: None,
             deferrals: 0,
         }
     }
+}
+
+/// A pack's `traceparent` of each event, in pack order.
+fn traceparents(props: &lapin::BasicProperties) -> Vec<String> {
+    let Some(AMQPValue::FieldArray(list)) =
+        props.headers().as_ref().and_then(|h| h.inner().get(pack::TRACEPARENTS_HEADER))
+    else {
+        return Vec::new();
+    };
+    list.as_slice()
+        .iter()
+        .map(|v| match v {
+            AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            _ => String::new(),
+        })
+        .collect()
 }
 
 /// The try count a message carries, kept within 1..=[`MAX_ATTEMPT`]: whoever can
@@ -229,13 +304,10 @@ fn of_family(env: Envelope, family: Family) -> Result<Envelope, String> {
     }
 }
 
-impl Item {}
-
 /// Applies a batch, settles and acknowledges what it came to; returns the items
 /// left for the lane's next batch ([`Outcome::Later`]).
 async fn process_batch<A: Applier>(
     ctx: &WorkerContext,
-    ch: &Channel,
     acks: &Acks,
     mut items: Vec<Item>,
     shutdown: &CancellationToken,
@@ -245,11 +317,9 @@ async fn process_batch<A: Applier>(
 
     let started = std::time::Instant::now();
     let Some(outcomes) = apply::apply_all::<A>(ctx, &items, shutdown).await else {
-        // Shutting down while Postgres is away: hand the batch back untouched
-        // (never settled, so no later `multiple` ack covers it).
-        for item in &items {
-            ch.basic_nack(item.delivery.delivery_tag, BasicNackOptions { multiple: false, requeue: true }).await?;
-        }
+        // Shutting down while Postgres is away: hand the batch's messages back
+        // untouched (never settled, so no later `multiple` ack covers them).
+        acks.requeue(items.iter().map(|i| i.tag)).await?;
         return Ok(Vec::new());
     };
     let labels = [("family", A::FAMILY.as_str())];
@@ -260,7 +330,7 @@ async fn process_batch<A: Applier>(
     }
     let (later, settled): (Vec<_>, Vec<_>) =
         items.into_iter().zip(outcomes).partition(|(_, outcome)| *outcome == Outcome::Later);
-    acks.settled(settled.iter().map(|(i, _)| i.delivery.delivery_tag)).await?;
+    acks.settled(settled.iter().map(|(i, _)| i.tag)).await?;
     Ok(later
         .into_iter()
         .map(|(mut item, _)| {
@@ -288,10 +358,14 @@ struct AckState {
     upto: u64,
     /// Settled tags above `upto`, waiting for the ones below them.
     done: BTreeSet<u64>,
-    /// Tags above `upto` already acknowledged one by one.
+    /// Tags above `upto` already acknowledged one by one (or handed back).
     acked: BTreeSet<u64>,
     /// How many may wait in `done` before they are acked one by one.
     most_waiting: usize,
+    /// Packs with events still unsettled: how many.
+    unsettled: HashMap<u64, usize>,
+    /// Packs handed back to the broker: their other events' settling acknowledges nothing.
+    requeued: HashSet<u64>,
 }
 
 /// What to acknowledge after some tags settled.
@@ -306,6 +380,20 @@ struct ToAck {
 impl Acks {
     fn new(ch: Channel, most_waiting: usize) -> Self {
         Acks { ch, state: tokio::sync::Mutex::new(AckState { most_waiting, ..AckState::default() }) }
+    }
+
+    /// A pack of `events` arrived as `tag`: it is settled when all of them are.
+    async fn expect(&self, tag: u64, events: usize) {
+        self.state.lock().await.unsettled.insert(tag, events);
+    }
+
+    /// Hands these messages back to the broker (each once), unsettled.
+    async fn requeue(&self, tags: impl Iterator<Item = u64>) -> Result<(), BusError> {
+        let mut st = self.state.lock().await;
+        for tag in st.requeue(tags) {
+            self.ch.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true }).await?;
+        }
+        Ok(())
     }
 
     async fn settled(&self, tags: impl Iterator<Item = u64>) -> Result<(), BusError> {
@@ -339,7 +427,18 @@ impl AckState {
     /// unacknowledged tag of the settled run from 1 if it grew, and one by one the
     /// settled tags behind a gap once there are more than `most_waiting` of them.
     fn settle(&mut self, tags: impl Iterator<Item = u64>) -> ToAck {
-        self.done.extend(tags);
+        for tag in tags {
+            if let Some(left) = self.unsettled.get_mut(&tag) {
+                *left -= 1;
+                if *left > 0 {
+                    continue;
+                }
+                self.unsettled.remove(&tag);
+            }
+            if !self.requeued.contains(&tag) {
+                self.done.insert(tag);
+            }
+        }
         let mut to_ack = ToAck::default();
         loop {
             let next = self.upto + 1;
@@ -356,6 +455,24 @@ impl AckState {
             self.acked.extend(to_ack.each.iter().copied());
         }
         to_ack
+    }
+}
+
+impl AckState {
+    /// Marks these messages handed back; the ones to nack (each once, never one already acked).
+    fn requeue(&mut self, tags: impl Iterator<Item = u64>) -> Vec<u64> {
+        let mut nack = Vec::new();
+        for tag in tags {
+            if tag <= self.upto || self.acked.contains(&tag) || !self.requeued.insert(tag) {
+                continue;
+            }
+            self.unsettled.remove(&tag);
+            self.done.remove(&tag);
+            // No longer outstanding: a later `multiple` ack may pass it.
+            self.acked.insert(tag);
+            nack.push(tag);
+        }
+        nack
     }
 }
 
@@ -419,5 +536,22 @@ mod tests {
         assert_eq!(acks.settle([9, 10, 11].into_iter()), ToAck { upto: None, each: vec![9, 10, 11] });
         assert_eq!(acks.settle([7, 8].into_iter()), upto(Some(8)));
         assert_eq!(acks.upto, 11);
+    }
+
+    #[test]
+    fn a_pack_is_acked_once_all_its_events_settle_and_one_handed_back_never() {
+        let mut acks = AckState { most_waiting: 100, ..AckState::default() };
+        acks.unsettled.insert(1, 3);
+        assert_eq!(acks.settle([1, 1].into_iter()), upto(None), "one event of pack 1 is still being applied");
+        assert_eq!(acks.settle([2].into_iter()), upto(None), "2 waits behind pack 1");
+        assert_eq!(acks.settle([1].into_iter()), upto(Some(2)));
+        // Pack 3 of two events: one settles, then the batch holding the other is handed back.
+        acks.unsettled.insert(3, 2);
+        assert_eq!(acks.settle([3].into_iter()), upto(None));
+        assert_eq!(acks.requeue([3, 3].into_iter()), vec![3], "a pack is nacked once");
+        assert_eq!(acks.requeue([3, 1].into_iter()), Vec::<u64>::new(), "never nacked twice, nor once acked");
+        assert_eq!(acks.settle([3].into_iter()), upto(None), "its other event settling later acks nothing");
+        assert_eq!(acks.settle([4].into_iter()), upto(Some(4)), "the run passes the tag handed back");
+        assert!(acks.done.is_empty() && acks.unsettled.is_empty());
     }
 }

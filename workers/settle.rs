@@ -20,7 +20,7 @@ pub async fn settle(ctx: &WorkerContext, family: Family, item: &Item, outcome: &
             info_span!("event", request_id = %env.request_id, key = %env.key, provider = env.event.provider().as_str(), kind = env.event.kind(), business = env.business_id.map(|b| b.0), call_sid = env.event.call_sid(), family = family.as_str(), trace_id = Empty)
         }
         Err(_) => {
-            info_span!("event", key = ?item.delivery.properties.message_id(), family = family.as_str(), trace_id = Empty)
+            info_span!("event", key = %item.message_id, family = family.as_str(), trace_id = Empty)
         }
     };
     // The worker's span continues the ingress's trace.
@@ -83,7 +83,7 @@ async fn park(ctx: &WorkerContext, family: Family, item: &Item, reason: &str) ->
     ctx.publisher.publish(&republish(item, &exchange, family.as_str(), item.attempt, reason)).await
 }
 
-/// The original bytes, untouched, with the new try count and the reason.
+/// The event's original bytes, untouched (alone, if it came in a pack), with the new try count and the reason.
 fn republish<'a>(
     item: &'a Item,
     exchange: &'a str,
@@ -91,13 +91,12 @@ fn republish<'a>(
     attempt: i64,
     reason: &'a str,
 ) -> Outgoing<'a> {
-    let props = &item.delivery.properties;
     Outgoing {
         exchange,
         routing_key,
-        body: &item.delivery.data,
-        message_id: props.message_id().as_ref().map_or("", |m| m.as_str()),
-        kind: props.kind().as_ref().map_or("unknown", |k| k.as_str()),
+        body: &item.body,
+        message_id: &item.message_id,
+        kind: &item.kind,
         attempt,
         error: Some(reason),
         traceparent: item.traceparent.as_deref(),

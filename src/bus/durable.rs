@@ -2,15 +2,24 @@
 //! either confirmed by RabbitMQ or, if the broker cannot confirm it, written
 //! to the Postgres outbox, whose relay is woken to publish it once the broker
 //! is back (docs/adr/0005-2xx-after-confirm.md, docs/adr/0007-outbox.md).
+//!
+//! Publishing is a group commit: per event family, one message is in flight
+//! at a time, and the events accepted while it waits for its confirm leave
+//! together as the next one, a pack of up to `PUBLISH_PACK` events
+//! ([`super::pack`]). Alone, an event leaves at once as its own message; under
+//! load, the broker handles one message for many events. Each request is
+//! answered when the message holding its event is confirmed, and if that
+//! message is not, each of its events goes to the outbox on its own.
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::outbox::{self, Relay};
-use super::{BusError, Publisher, Topology};
-use crate::events::Envelope;
+use super::{BusError, Pending, Publisher, Topology};
+use crate::events::{Envelope, Family};
+use crate::telemetry;
 
 /// Where an accepted event was kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,11 +52,49 @@ pub struct Durable {
     publisher: Arc<Publisher>,
     topology: Topology,
     wake: Arc<Notify>,
+    /// Per family (in [`Family::ALL`] order), the queue of its group publisher.
+    gather: Vec<mpsc::Sender<Waiting>>,
+}
+
+/// An event waiting for the message that carries it to be confirmed.
+struct Waiting {
+    event: Pending,
+    confirmed: oneshot::Sender<Result<(), Arc<BusError>>>,
 }
 
 impl Durable {
-    pub fn new(pool: PgPool, publisher: Arc<Publisher>, topology: Topology) -> Self {
-        Durable { pool, publisher, topology, wake: Arc::new(Notify::new()) }
+    /// Spawns a group publisher per event family that packs up to `pack`
+    /// events in a message (1: every event is its own message).
+    pub fn new(pool: PgPool, publisher: Arc<Publisher>, topology: Topology, pack: usize) -> Self {
+        let gather = Family::ALL
+            .into_iter()
+            .map(|family| {
+                let (tx, rx) = mpsc::channel(1024);
+                tokio::spawn(group_publish(publisher.clone(), topology.clone(), family, pack.max(1), rx));
+                tx
+            })
+            .collect();
+        Durable { pool, publisher, topology, wake: Arc::new(Notify::new()), gather }
+    }
+
+    /// Hands the event to its family's group publisher and waits for the confirm of its message.
+    async fn publish(&self, env: &Envelope, body: Vec<u8>, traceparent: Option<&str>) -> Result<(), BusError> {
+        let family = env.event.family();
+        let at = Family::ALL.iter().position(|f| *f == family).unwrap_or(0);
+        let event = Pending {
+            body,
+            key: env.key.clone(),
+            kind: env.event.kind(),
+            traceparent: traceparent.map(str::to_string),
+        };
+        let (confirmed, heard) = oneshot::channel();
+        if self.gather[at].send(Waiting { event, confirmed }).await.is_err() {
+            return Err(BusError::Refused("the group publisher stopped"));
+        }
+        match heard.await {
+            Ok(result) => result.map_err(BusError::Shared),
+            Err(_) => Err(BusError::Refused("the group publisher stopped")),
+        }
     }
 
     /// Makes the event durable: confirmed by the broker, or in the outbox.
@@ -59,11 +106,11 @@ impl Durable {
         traceparent: Option<&str>,
         on_publish_failed: impl FnOnce(&BusError),
     ) -> Result<Via, NotKept> {
-        let body = env.to_json();
-        let bus = match self.publisher.publish_envelope(&self.topology, env, &body, traceparent).await {
+        let bus = match self.publish(env, env.to_json(), traceparent).await {
             Ok(()) => return Ok(Via::Broker),
             Err(bus) => bus,
         };
+        let body = env.to_json();
         on_publish_failed(&bus);
         match outbox::insert(&self.pool, env, &body, traceparent).await {
             Ok(()) => {
@@ -82,5 +129,60 @@ impl Durable {
             topology: self.topology.clone(),
             wake: self.wake.clone(),
         }
+    }
+}
+
+/// One family's group publisher: takes the events waiting (up to `most`),
+/// publishes them as one message, tells each what the broker said, and goes
+/// again. While a message waits for its confirm the next one gathers.
+async fn group_publish(
+    publisher: Arc<Publisher>,
+    topology: Topology,
+    family: Family,
+    most: usize,
+    mut rx: mpsc::Receiver<Waiting>,
+) {
+    let mut waiting = Vec::new();
+    while rx.recv_many(&mut waiting, most).await > 0 {
+        while !waiting.is_empty() {
+            let take = fits(waiting.iter().map(|w| w.event.body.len()));
+            let message: Vec<Waiting> = waiting.drain(..take).collect();
+            let events: Vec<&Pending> = message.iter().map(|w| &w.event).collect();
+            let result = publisher.publish_events(&topology, family, &events).await.map_err(Arc::new);
+            metrics::counter!(telemetry::EVENT_MESSAGES_PUBLISHED, "family" => family.as_str()).increment(1);
+            for w in message {
+                let _ = w.confirmed.send(result.clone());
+            }
+        }
+    }
+}
+
+/// A pack's body stays under this, well inside the broker's message size limit.
+pub const PACK_MOST_BYTES: usize = 1 << 20;
+
+/// How many of the events (by body size) go in the next message: at least one.
+fn fits(sizes: impl Iterator<Item = usize>) -> usize {
+    let mut total = 0;
+    let mut n = 0;
+    for size in sizes {
+        total += size + 1;
+        if n > 0 && total > PACK_MOST_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PACK_MOST_BYTES, fits};
+
+    #[test]
+    fn a_message_takes_events_up_to_the_byte_limit_and_always_one() {
+        assert_eq!(fits([100, 100, 100].into_iter()), 3);
+        assert_eq!(fits([PACK_MOST_BYTES / 2, PACK_MOST_BYTES / 2, 10].into_iter()), 1);
+        assert_eq!(fits([PACK_MOST_BYTES * 3, 10].into_iter()), 1, "an event above the limit still leaves, alone");
+        assert_eq!(fits(std::iter::empty()), 0);
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod durable;
 pub mod outbox;
+pub mod pack;
 pub mod topology;
 
 use parking_lot::Mutex as SyncMutex;
@@ -45,6 +46,9 @@ pub enum BusError {
     ConfirmTimeout(Duration),
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),
+    /// One failure heard by every event of a pack.
+    #[error("{0}")]
+    Shared(std::sync::Arc<BusError>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -184,6 +188,14 @@ pub struct Publisher {
     channel: Mutex<Option<Channel>>,
 }
 
+/// An accepted event on its way to the broker: its envelope's bytes and its message's properties.
+pub struct Pending {
+    pub body: Vec<u8>,
+    pub key: String,
+    pub kind: &'static str,
+    pub traceparent: Option<String>,
+}
+
 /// What goes out: where, and with which headers.
 pub struct Outgoing<'a> {
     pub exchange: &'a str,
@@ -223,19 +235,64 @@ impl Publisher {
         self.publish(&out).await
     }
 
+    /// Publishes these events of one family to the events exchange as one
+    /// message, first attempt: a pack ([`pack`]) if there are several.
+    pub async fn publish_events(&self, topo: &Topology, family: Family, events: &[&Pending]) -> Result<(), BusError> {
+        let exchange = topo.events_exchange();
+        if let [one] = events {
+            let out = Outgoing {
+                exchange: &exchange,
+                routing_key: family.as_str(),
+                body: &one.body,
+                message_id: &one.key,
+                kind: one.kind,
+                attempt: 1,
+                error: None,
+                traceparent: one.traceparent.as_deref(),
+            };
+            return self.publish(&out).await;
+        }
+        let body = pack::encode(events.iter().map(|e| e.body.as_slice()));
+        let first = events.first().map_or("", |e| e.key.as_str());
+        let out = Outgoing {
+            exchange: &exchange,
+            routing_key: family.as_str(),
+            body: &body,
+            message_id: &format!("pack of {}: {first}", events.len()),
+            kind: pack::PACK_KIND,
+            attempt: 1,
+            error: None,
+            traceparent: None,
+        };
+        let mut props = properties(&out);
+        let traceparents = events
+            .iter()
+            .map(|e| AMQPValue::LongString(LongString::from(e.traceparent.clone().unwrap_or_default())))
+            .collect::<Vec<_>>();
+        if let Some(headers) = props.headers().clone() {
+            let mut headers = headers;
+            headers.insert(pack::TRACEPARENTS_HEADER.into(), AMQPValue::FieldArray(traceparents.into()));
+            props = props.with_headers(headers);
+        }
+        self.send(&out, props).await
+    }
+
     /// Returns once the broker has taken responsibility for the message.
     pub async fn publish(&self, out: &Outgoing<'_>) -> Result<(), BusError> {
+        self.send(out, properties(out)).await
+    }
+
+    async fn send(&self, out: &Outgoing<'_>, props: BasicProperties) -> Result<(), BusError> {
         let ch = self.channel().await?;
-        let result = self.publish_on(&ch, out).await;
+        let result = self.publish_on(&ch, out, props).await;
         if result.is_err() && !ch.status().connected() {
             self.channel.lock().await.take();
         }
         result
     }
 
-    async fn publish_on(&self, ch: &Channel, out: &Outgoing<'_>) -> Result<(), BusError> {
+    async fn publish_on(&self, ch: &Channel, out: &Outgoing<'_>, props: BasicProperties) -> Result<(), BusError> {
         let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
-        let props = properties(out);
         let started = Instant::now();
         let confirm = ch.basic_publish(out.exchange.into(), out.routing_key.into(), opts, out.body, props).await?;
         let confirmation = tokio::time::timeout(self.timeout, confirm).await;
