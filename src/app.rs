@@ -141,7 +141,7 @@ pub async fn start(cfg: Config, role: Role) -> anyhow::Result<Running> {
         addr = Some(listener.local_addr()?);
         info!(addr = %listener.local_addr()?, "{what}");
         let publisher = Arc::new(Publisher::new(broker.clone(), cfg.publish_timeout));
-        let durable = Durable::new(pool.clone(), publisher, topology.clone(), cfg.publish_pack);
+        let durable = Durable::new(pool.clone(), publisher, topology.clone(), cfg.publish_pack, cfg.publish_wait);
         if role.serves() {
             tasks.push(tokio::spawn(durable.relay().run(shutdown.clone())));
         }

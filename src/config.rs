@@ -95,6 +95,8 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// The most accepted events the ingress publishes in one message (1: one event per message).
     pub publish_pack: usize,
+    /// How long a message that would carry few events waits for more (0: never).
+    pub publish_wait: Duration,
     pub secret_cache_ttl: Duration,
     /// The most (business, provider) answers the secret cache keeps.
     pub secret_cache_capacity: u64,
@@ -186,6 +188,7 @@ impl Config {
             body_limit_bytes: env.body_limit("BODY_LIMIT_BYTES", 1024 * 1024)?,
             publish_timeout: env.duration("PUBLISH_TIMEOUT", "5s")?,
             publish_pack: env.at_most("PUBLISH_PACK", 64, 1000)?,
+            publish_wait: env.duration("PUBLISH_WAIT", "0s")?,
             secret_cache_ttl: env.duration("SECRET_CACHE_TTL", "2s")?,
             secret_cache_capacity: env.positive("SECRET_CACHE_CAPACITY", 10_000)?,
             secret_fresh_reads_per_sec: env
@@ -216,6 +219,10 @@ impl Config {
             notify_timeout: env.duration("NOTIFY_TIMEOUT", "10s")?,
             notify_allow_private_networks: env.boolean("NOTIFY_ALLOW_PRIVATE_NETWORKS", false)?,
         };
+        if cfg.publish_wait > Duration::from_millis(100) {
+            let said = fmt_duration(cfg.publish_wait);
+            return Err(bad("PUBLISH_WAIT", format!("{said} is longer than the limit of 100ms (it delays answers)")));
+        }
         if cfg.notify_timeout.is_zero() {
             return Err(bad("NOTIFY_TIMEOUT", "must be above zero".into()));
         }
@@ -240,6 +247,7 @@ impl Config {
             ("BODY_LIMIT_BYTES", self.body_limit_bytes.to_string()),
             ("PUBLISH_TIMEOUT", fmt_duration(self.publish_timeout)),
             ("PUBLISH_PACK", self.publish_pack.to_string()),
+            ("PUBLISH_WAIT", fmt_duration(self.publish_wait)),
             ("SECRET_CACHE_TTL", fmt_duration(self.secret_cache_ttl)),
             ("SECRET_CACHE_CAPACITY", self.secret_cache_capacity.to_string()),
             ("SECRET_FRESH_READS_PER_SEC", self.secret_fresh_reads_per_sec.to_string()),
@@ -541,6 +549,23 @@ mod tests {
         assert!(err.to_string().starts_with("invalid setting EVENT_RETENTION: \"a month\" is not a duration"), "{err}");
         let err = Config::from_vars(&vars(&[("EVENT_PRUNE_INTERVAL", "2h")])).unwrap_err();
         assert_eq!(err.to_string(), "invalid setting EVENT_PRUNE_INTERVAL: 2h is longer than the limit of 1h");
+    }
+
+    #[test]
+    fn packing_defaults_and_its_limits_are_named() {
+        let cfg = Config::from_vars(&vars(&[])).unwrap();
+        assert_eq!((cfg.publish_pack, cfg.publish_wait), (64, Duration::ZERO));
+        let cfg = Config::from_vars(&vars(&[("PUBLISH_PACK", "1"), ("PUBLISH_WAIT", "2ms")])).unwrap();
+        assert_eq!((cfg.publish_pack, cfg.publish_wait), (1, Duration::from_millis(2)));
+        let err = Config::from_vars(&vars(&[("PUBLISH_PACK", "5000")])).unwrap_err();
+        assert_eq!(err.to_string(), "invalid setting PUBLISH_PACK: 5000 is above the limit of 1000");
+        let err = Config::from_vars(&vars(&[("PUBLISH_PACK", "0")])).unwrap_err();
+        assert!(err.to_string().starts_with("invalid setting PUBLISH_PACK"), "{err}");
+        let err = Config::from_vars(&vars(&[("PUBLISH_WAIT", "1s")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting PUBLISH_WAIT: 1s is longer than the limit of 100ms (it delays answers)"
+        );
     }
 
     #[test]

@@ -178,3 +178,31 @@ async fn a_pack_the_broker_parked_is_redriven_and_split() {
     broker.close().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn with_publish_wait_a_few_requests_wait_for_company_and_leave_together() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("PUBLISH_WAIT".into(), "100ms".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    // 16 requests sent 3 ms apart (each alone would leave alone, its message
+    // confirmed before the next arrives): the first waits up to 100 ms for
+    // company, so they share a message or two.
+    let params: Vec<_> = (0..16).map(|i| completed(&format!("CA{i:032}"))).collect();
+    let shared = &app;
+    let answers = futures_util::future::join_all(params.iter().enumerate().map(|(i, p)| {
+        let borrowed: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(3 * i as u64)).await;
+            shared.post_twilio(b, "call-status", TOKEN, &borrowed).await.status()
+        }
+    }))
+    .await;
+    assert!(answers.iter().all(|s| *s == 204), "{answers:?}");
+    app.quiet().await;
+    calls_completed(&app, b, 16).await;
+    let messages = counter(&app, "micro8gents_event_messages_published_total").await;
+    assert!((1.0..=4.0).contains(&messages), "16 events in {messages} messages");
+    app.stop().await;
+}
