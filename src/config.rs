@@ -188,7 +188,7 @@ impl Config {
             body_limit_bytes: env.body_limit("BODY_LIMIT_BYTES", 1024 * 1024)?,
             publish_timeout: env.duration("PUBLISH_TIMEOUT", "5s")?,
             publish_pack: env.at_most("PUBLISH_PACK", 64, 1000)?,
-            publish_wait: env.duration("PUBLISH_WAIT", "0s")?,
+            publish_wait: env.duration("PUBLISH_WAIT", "5ms")?,
             secret_cache_ttl: env.duration("SECRET_CACHE_TTL", "2s")?,
             secret_cache_capacity: env.positive("SECRET_CACHE_CAPACITY", 10_000)?,
             secret_fresh_reads_per_sec: env
@@ -204,7 +204,7 @@ impl Config {
             db_statement_timeout: env.duration("DATABASE_STATEMENT_TIMEOUT", "10s")?,
             prefetch: env.positive("PREFETCH", 200)?,
             batch_size: env.positive("BATCH_SIZE", 100)?,
-            batch_wait: env.duration("BATCH_WAIT", "5ms")?,
+            batch_wait: env.duration("BATCH_WAIT", "50ms")?,
             worker_concurrency: env.at_most("WORKER_CONCURRENCY", 4, 64)?,
             retry_delays: env.duration_list("RETRY_DELAYS", "5s,30s,2m,10m,1h")?,
             shutdown_grace: env.duration("SHUTDOWN_GRACE", "20s")?,
@@ -554,7 +554,10 @@ mod tests {
     #[test]
     fn packing_defaults_and_its_limits_are_named() {
         let cfg = Config::from_vars(&vars(&[])).unwrap();
-        assert_eq!((cfg.publish_pack, cfg.publish_wait), (64, Duration::ZERO));
+        assert_eq!(
+            (cfg.publish_pack, cfg.publish_wait, cfg.batch_wait),
+            (64, Duration::from_millis(5), Duration::from_millis(50))
+        );
         let cfg = Config::from_vars(&vars(&[("PUBLISH_PACK", "1"), ("PUBLISH_WAIT", "2ms")])).unwrap();
         assert_eq!((cfg.publish_pack, cfg.publish_wait), (1, Duration::from_millis(2)));
         let err = Config::from_vars(&vars(&[("PUBLISH_PACK", "5000")])).unwrap_err();

@@ -10,7 +10,7 @@
 //! load, the broker handles one message for many events. Each request is
 //! answered when the message holding its event is confirmed, and if that
 //! message is not, each of its events goes to the outbox on its own.
-//! `PUBLISH_WAIT` (default 0) lets a message that would carry fewer than
+//! `PUBLISH_WAIT` (default 5ms) lets a message that would carry fewer than
 //! [`COMPANY`] events wait that long for more: fewer, fuller messages at a few
 //! hundred requests a second, for that much on those answers.
 
