@@ -56,7 +56,7 @@ pub struct Durable {
     publisher: Arc<Publisher>,
     topology: Topology,
     wake: Arc<Notify>,
-    /// Per family (in [`Family::ALL`] order), the queue of its group publisher.
+    /// Per family (in [`Family::ALL`] order), the queue of its group publisher; none with `PUBLISH_PACK=1`.
     gather: Vec<mpsc::Sender<Waiting>>,
 }
 
@@ -71,14 +71,20 @@ impl Durable {
     /// events in a message (1: every event is its own message), waiting up to
     /// `wait` for company while a message would hold fewer than [`COMPANY`].
     pub fn new(pool: PgPool, publisher: Arc<Publisher>, topology: Topology, pack: usize, wait: Duration) -> Self {
-        let gather = Family::ALL
-            .into_iter()
-            .map(|family| {
-                let (tx, rx) = mpsc::channel(1024);
-                tokio::spawn(group_publish(publisher.clone(), topology.clone(), family, pack.max(1), wait, rx));
-                tx
-            })
-            .collect();
+        // One event per message needs no group publisher: each request
+        // publishes its own, all of them in flight at once.
+        let gather = if pack <= 1 {
+            Vec::new()
+        } else {
+            Family::ALL
+                .into_iter()
+                .map(|family| {
+                    let (tx, rx) = mpsc::channel(1024);
+                    tokio::spawn(group_publish(publisher.clone(), topology.clone(), family, pack, wait, rx));
+                    tx
+                })
+                .collect()
+        };
         Durable { pool, publisher, topology, wake: Arc::new(Notify::new()), gather }
     }
 
@@ -92,8 +98,13 @@ impl Durable {
             kind: env.event.kind(),
             traceparent: traceparent.map(str::to_string),
         };
+        let Some(gather) = self.gather.get(at) else {
+            let result = self.publisher.publish_events(&self.topology, family, &[&event]).await;
+            metrics::counter!(telemetry::EVENT_MESSAGES_PUBLISHED, "family" => family.as_str()).increment(1);
+            return result;
+        };
         let (confirmed, heard) = oneshot::channel();
-        if self.gather[at].send(Waiting { event, confirmed }).await.is_err() {
+        if gather.send(Waiting { event, confirmed }).await.is_err() {
             return Err(BusError::Refused("the group publisher stopped"));
         }
         match heard.await {
