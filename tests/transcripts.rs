@@ -249,6 +249,66 @@ async fn out_of_order_and_duplicated_segments_of_two_sessions_end_the_same() {
     app.stop().await;
 }
 
+/// A batch's segments are written in one statement (`write_segments`): posted all
+/// at once with a long `BATCH_WAIT`, a session of segments only (with sender
+/// retries among them), and one whose `transcription-started` shares the batch
+/// (written one by one, in order), end as if each came alone.
+#[tokio::test]
+async fn segments_that_share_a_batch_end_as_if_each_came_alone() {
+    let twilio = TwilioStandIn::start(ACCOUNT, TOKEN).await;
+    let base = twilio.base.clone();
+    let app = TestApp::spawn_with(|v| {
+        v.insert("TWILIO_API_URL".into(), base.clone());
+        v.insert("TWILIO_INTELLIGENCE_URL".into(), base);
+        v.insert("BATCH_WAIT".into(), "2s".into());
+    })
+    .await;
+    let b = app.business().await;
+    app.integration(b, "twilio", json!({"auth_token": TOKEN, "account_sid": ACCOUNT}), "active").await;
+    let lines = ["Hello, Acme Dental.", "Hi, a cleaning please.", "Tuesday?", "Tuesday at 3.", "Great, thanks."];
+    let mut events: Vec<_> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let track = if i % 2 == 0 { "outbound_track" } else { "inbound_track" };
+            content(GT_A, i as u32 + 2, 10 + i as u32, track, text)
+        })
+        .collect();
+    // Two sender retries in the same batch.
+    events.push(events[1].clone());
+    events.push(events[3].clone());
+    events.push(started(GT_B, 30, &[("InboundTrackLabel", "Jane")]));
+    events.push(content(GT_B, 2, 31, "inbound_track", "One more thing."));
+    events.push(content(GT_B, 3, 32, "outbound_track", "Sure."));
+    // Enough for one batch (16) without waiting: 11 events here, 16 with five more retries.
+    for i in 0..5 {
+        events.push(events[i].clone());
+    }
+    let answers = futures_util::future::join_all(events.iter().map(|e| post(&app, b, "transcription", e))).await;
+    assert!(answers.iter().all(|s| *s == 204), "{answers:?}");
+    let expected = "Agent: Hello, Acme Dental.\nCustomer: Hi, a cleaning please.\nAgent: Tuesday?\n\
+                    Customer: Tuesday at 3.\nAgent: Great, thanks.\nJane: One more thing.\nAgent: Sure.";
+    transcript_becomes(&app, b, expected).await;
+    app.quiet().await;
+    let (segments, sessions): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM webhook_worker.transcript_segments g
+                   JOIN webhook_worker.transcript_sessions s ON s.id = g.session_id WHERE s.business_id = $1),
+                (SELECT count(*) FROM webhook_worker.transcript_sessions WHERE business_id = $1)",
+    )
+    .bind(b)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((segments, sessions), (7, 2));
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    assert_eq!(value("micro8gents_events_duplicate_total"), 7.0, "each retry is a duplicate");
+    assert_eq!(value("micro8gents_batches_total{family=\"calls\"}"), 1.0, "they shared one batch");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_realtime_callback_with_a_bad_field_is_refused_naming_it() {
     let (app, _twilio, b) = spawn().await;

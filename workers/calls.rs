@@ -150,7 +150,8 @@ impl Applier for Calls {
     ) -> Result<(), sqlx::Error> {
         let calls: Vec<(BusinessId, &str)> =
             fresh.iter().filter_map(|env| Some((env.business_id?, call_of(&env.event)?))).collect();
-        writes.lock_all(tx, &calls, wait).await
+        writes.lock_all(tx, &calls, wait).await?;
+        transcripts::write_segments(tx, writes, fresh).await
     }
 
     async fn flush(tx: &mut PgConnection, writes: &mut CallWrites) -> Result<(), sqlx::Error> {
@@ -270,6 +271,9 @@ pub struct CallWrites {
     busy: Vec<(BusinessId, String)>,
     /// Twilio's REST API, for Intelligence transcripts; `None` where the worker has none.
     pub twilio: Option<std::sync::Arc<crate::twilio_api::TwilioApi>>,
+    /// The batch's Real-Time segments written ahead in one statement
+    /// ([`transcripts::write_segments`]), by business, session and `SequenceId`.
+    pub(super) segments: transcripts::SegmentsWritten,
 }
 
 #[derive(Debug)]

@@ -6,14 +6,16 @@
 //! worker's schema, and the text is recomputed from all of them each time one
 //! arrives, so it is a function of the events received, whatever their order.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::PgConnection;
 
 use super::calls::{CallWrites, Happened};
 use super::{ApplyError, Outcome};
 use crate::config::Secret;
-use crate::events::BusinessId;
 use crate::events::transcription::{IntelligenceEvent, RealtimeEvent, RealtimeKind, Track, is_twilio_sid};
+use crate::events::{BusinessId, Envelope, Event};
 use crate::twilio_api::{self, ApiFailure, Credentials, TwilioApi};
 
 /// Where a call's transcript came from, lowest first.
@@ -172,7 +174,15 @@ pub async fn apply_realtime(
         received_at,
         sent_at: e.timestamp,
     });
-    let session = match record_session(tx, business, e, at, segment.as_ref()).await? {
+    let written = match segment {
+        Some(_) => writes.segments.take(business, &e.session_sid, e.sequence_id),
+        None => None,
+    };
+    let state = match written {
+        Some(state) => state,
+        None => record_session(tx, business, e, at, segment.as_ref()).await?,
+    };
+    let session = match state {
         // The segment claims no inbox key (`Calls::claims_key`): its row is the
         // record that it was applied, so one already there makes it a duplicate.
         // It is its event's log entry too: with the two times, `replay` rebuilds the
@@ -219,8 +229,8 @@ async fn session_has_text(tx: &mut PgConnection, session: i64) -> Result<bool, s
 
 /// Whether a session's segments are still kept (see [`prune_segments_before`]), and
 /// the session's number, which its segments carry.
-#[derive(Debug, PartialEq, Eq)]
-enum SessionState {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SessionState {
     /// Kept; `segment_inserted`: the event's segment is a new row (false: there was
     /// one already, or the event has none).
     Kept {
@@ -311,6 +321,134 @@ async fn record_session(
     }
     let (id, pruned, inserted) = written.ok_or(sqlx::Error::RowNotFound)?;
     Ok(if pruned { SessionState::Pruned } else { SessionState::Kept { id, segment_inserted: inserted > 0 } })
+}
+
+/// What [`write_segments`] wrote for a batch: per (business, session, `SequenceId`),
+/// the session's state and whether the segment was a new row.
+#[derive(Debug, Default)]
+pub struct SegmentsWritten(HashMap<(i32, String, i64), SessionState>);
+
+impl SegmentsWritten {
+    /// What the batch statement did for this segment. The first copy of a segment
+    /// in the batch gets its insert; a second copy is told it was already there.
+    fn take(&mut self, business: BusinessId, session_sid: &str, sequence_id: i64) -> Option<SessionState> {
+        let state = self.0.get_mut(&(business.0, session_sid.to_string(), sequence_id))?;
+        let now = *state;
+        if let SessionState::Kept { id, segment_inserted: true } = now {
+            *state = SessionState::Kept { id, segment_inserted: false };
+        }
+        Some(now)
+    }
+}
+
+/// Writes a batch's final Real-Time segments and their sessions in one
+/// statement, before the batch's events are applied one by one (a segment is
+/// most of a call's callbacks; one statement each was the largest Postgres cost
+/// left). Only the segments of a session whose every event in the batch is a
+/// final segment, of a call this transaction holds: a session with a
+/// `transcription-started` or `-stopped` in the batch, and any segment the
+/// statement does not account for (a session another transaction committed
+/// after this statement's snapshot), are written by [`record_session`] as before,
+/// in batch order. Each segment event then reads its outcome from
+/// [`SegmentsWritten`], as it would have from its own statement.
+pub(super) async fn write_segments(
+    tx: &mut PgConnection,
+    writes: &mut CallWrites,
+    fresh: &[&Envelope],
+) -> Result<(), sqlx::Error> {
+    let mut mixed: HashSet<(i32, &str)> = HashSet::new();
+    let mut segments = Vec::new();
+    for env in fresh {
+        let (Some(business), Event::TwilioRealtime(e)) = (env.business_id, &env.event) else { continue };
+        match e.segment() {
+            Some(segment) if !writes.is_busy(business, &e.call_sid) => segments.push((business, env, e, segment)),
+            _ => {
+                mixed.insert((business.0, e.session_sid.as_str()));
+            }
+        }
+    }
+    segments.retain(|(b, _, e, _)| !mixed.contains(&(b.0, e.session_sid.as_str())));
+    if segments.len() < 2 {
+        return Ok(());
+    }
+    let n = segments.len();
+    let (mut businesses, mut sessions, mut calls, mut ats) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut seqs, mut outbound, mut texts, mut received, mut sent) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (business, env, e, (track, text)) in &segments {
+        businesses.push(business.0);
+        sessions.push(e.session_sid.as_str());
+        calls.push(e.call_sid.as_str());
+        ats.push(e.timestamp.unwrap_or(env.received_at).naive_utc());
+        seqs.push(e.sequence_id);
+        outbound.push(*track == Track::Outbound);
+        texts.push(*text);
+        received.push(env.received_at);
+        sent.push(e.timestamp);
+    }
+    // As `record_session`'s statement for a segment: a session row is created, or
+    // moved to an earlier first time, and otherwise read, not rewritten.
+    let rows: Vec<(i32, String, i64, bool, Vec<i64>)> = sqlx::query_as(
+        "WITH i AS (
+             SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::timestamp[], $5::int8[], $6::bool[],
+                                  $7::text[], $8::timestamptz[], $9::timestamptz[])
+                 AS i(business_id, session_sid, call_sid, at, sequence_id, outbound, text, received_at, sent_at)),
+         one AS (
+             SELECT business_id, session_sid, min(call_sid) AS call_sid, min(at) AS at FROM i GROUP BY 1, 2),
+         up AS (
+             INSERT INTO webhook_worker.transcript_sessions AS t (business_id, session_sid, call_sid, first_at, stopped)
+             SELECT business_id, session_sid, call_sid, at, false FROM one
+             ON CONFLICT (business_id, session_sid) DO UPDATE SET first_at = EXCLUDED.first_at
+             WHERE EXCLUDED.first_at < t.first_at
+             RETURNING t.id, t.business_id, t.session_sid, t.segments_pruned),
+         s AS (
+             SELECT id, business_id, session_sid, segments_pruned FROM up
+             UNION ALL
+             SELECT t.id, t.business_id, t.session_sid, t.segments_pruned
+               FROM webhook_worker.transcript_sessions t JOIN one USING (business_id, session_sid)
+              WHERE NOT EXISTS (SELECT 1 FROM up WHERE up.business_id = t.business_id AND up.session_sid = t.session_sid)),
+         g AS (
+             INSERT INTO webhook_worker.transcript_segments (session_id, sequence_id, outbound, text, received_at, sent_at)
+             SELECT s.id, i.sequence_id, i.outbound, i.text, i.received_at, i.sent_at
+               FROM i JOIN s USING (business_id, session_sid)
+              WHERE NOT s.segments_pruned
+             ON CONFLICT DO NOTHING
+             RETURNING session_id, sequence_id)
+         SELECT s.business_id, s.session_sid, s.id, s.segments_pruned,
+                ARRAY(SELECT g.sequence_id FROM g WHERE g.session_id = s.id)
+           FROM s",
+    )
+    .bind(&businesses)
+    .bind(&sessions)
+    .bind(&calls)
+    .bind(&ats)
+    .bind(&seqs)
+    .bind(&outbound)
+    .bind(&texts)
+    .bind(&received)
+    .bind(&sent)
+    .fetch_all(&mut *tx)
+    .await?;
+    let kept: HashMap<(i32, &str), (i64, bool, HashSet<i64>)> = rows
+        .iter()
+        .map(|(b, sid, id, pruned, inserted)| ((*b, sid.as_str()), (*id, *pruned, inserted.iter().copied().collect())))
+        .collect();
+    for (business, _, e, _) in &segments {
+        let Some((id, pruned, inserted)) = kept.get(&(business.0, e.session_sid.as_str())) else { continue };
+        let state = if *pruned {
+            SessionState::Pruned
+        } else {
+            SessionState::Kept { id: *id, segment_inserted: inserted.contains(&e.sequence_id) }
+        };
+        writes.segments.0.entry((business.0, e.session_sid.clone(), e.sequence_id)).or_insert(state);
+    }
+    Ok(())
 }
 
 /// The call's sessions and their segments, in one statement (a row per segment,
