@@ -409,9 +409,15 @@ impl CallWrites {
     /// the transaction that commits it: the place to decide a notice about it.
     pub async fn flush(&mut self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
         let mut pending: Vec<PendingCall> = self.calls.drain(..).filter(|c| c.recorded).collect();
-        for c in pending.iter_mut().filter(|c| c.realtime_changed) {
-            let text = transcripts::recompute_realtime(tx, c.business, &c.call_sid).await?;
-            c.store_transcript(Source::Realtime, text, Utc::now());
+        // Every changed call's real-time text in one read.
+        let changed: Vec<(BusinessId, &str)> =
+            pending.iter().filter(|c| c.realtime_changed).map(|c| (c.business, c.call_sid.as_str())).collect();
+        if !changed.is_empty() {
+            let mut texts = transcripts::recompute_realtime(tx, &changed).await?;
+            for c in pending.iter_mut().filter(|c| c.realtime_changed) {
+                let text = texts.remove(&(c.business.0, c.call_sid.clone())).flatten();
+                c.store_transcript(Source::Realtime, text, Utc::now());
+            }
         }
         if !pending.is_empty() {
             write_calls(tx, &pending).await?;

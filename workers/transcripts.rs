@@ -210,14 +210,21 @@ pub async fn apply_realtime(
     Ok(Outcome::Applied)
 }
 
-/// The call's real-time text from every segment kept, this transaction's included.
+/// Each call's real-time text from every segment kept, this transaction's
+/// included, in one statement for all of them (`None`: no segment).
 pub(super) async fn recompute_realtime(
     tx: &mut PgConnection,
-    business: BusinessId,
-    call_sid: &str,
-) -> Result<Option<String>, sqlx::Error> {
-    let (sessions, segments) = realtime_pieces(tx, business, call_sid).await?;
-    Ok(realtime_text(&sessions, &segments))
+    calls: &[(BusinessId, &str)],
+) -> Result<HashMap<(i32, String), Option<String>>, sqlx::Error> {
+    let mut pieces = realtime_pieces(tx, calls).await?;
+    Ok(calls
+        .iter()
+        .map(|(b, sid)| {
+            let key = (b.0, sid.to_string());
+            let text = pieces.remove(&key).and_then(|(sessions, segments)| realtime_text(&sessions, &segments));
+            (key, text)
+        })
+        .collect())
 }
 
 async fn session_has_text(tx: &mut PgConnection, session: i64) -> Result<bool, sqlx::Error> {
@@ -451,28 +458,33 @@ pub(super) async fn write_segments(
     Ok(())
 }
 
-/// The call's sessions and their segments, in one statement (a row per segment,
-/// one with no segment for a session that has none).
+/// The calls' sessions and their segments, in one statement (a row per segment,
+/// one with no segment for a session that has none), by (business, call SID).
+#[allow(clippy::type_complexity)]
 async fn realtime_pieces(
     tx: &mut PgConnection,
-    business: BusinessId,
-    call_sid: &str,
-) -> Result<(Vec<Session>, Vec<Segment>), sqlx::Error> {
-    type Row = (String, NaiveDateTime, Option<String>, Option<String>, Option<i64>, Option<bool>, Option<String>);
-    // Through the call's sessions: a segment names its session, not its call.
+    calls: &[(BusinessId, &str)],
+) -> Result<HashMap<(i32, String), (Vec<Session>, Vec<Segment>)>, sqlx::Error> {
+    type Row =
+        (i32, String, String, NaiveDateTime, Option<String>, Option<String>, Option<i64>, Option<bool>, Option<String>);
+    let businesses: Vec<i32> = calls.iter().map(|(b, _)| b.0).collect();
+    let sids: Vec<&str> = calls.iter().map(|(_, sid)| *sid).collect();
+    // Through the calls' sessions: a segment names its session, not its call.
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT s.session_sid, s.first_at, s.inbound_label, s.outbound_label, g.sequence_id, g.outbound, g.text
-           FROM webhook_worker.transcript_sessions s
-           LEFT JOIN webhook_worker.transcript_segments g ON g.session_id = s.id
-          WHERE s.business_id = $1 AND s.call_sid = $2",
+        "SELECT s.business_id, s.call_sid, s.session_sid, s.first_at, s.inbound_label, s.outbound_label,
+                g.sequence_id, g.outbound, g.text
+           FROM unnest($1::int4[], $2::text[]) AS c(business_id, call_sid)
+           JOIN webhook_worker.transcript_sessions s ON s.business_id = c.business_id AND s.call_sid = c.call_sid
+           LEFT JOIN webhook_worker.transcript_segments g ON g.session_id = s.id",
     )
-    .bind(business.0)
-    .bind(call_sid)
+    .bind(&businesses)
+    .bind(&sids)
     .fetch_all(&mut *tx)
     .await?;
-    let mut sessions: Vec<Session> = Vec::new();
-    let mut segments = Vec::with_capacity(rows.len());
-    for (session_sid, first_at, inbound_label, outbound_label, sequence_id, outbound, text) in rows {
+    let mut by_call: HashMap<(i32, String), (Vec<Session>, Vec<Segment>)> = HashMap::new();
+    for (business, call_sid, session_sid, first_at, inbound_label, outbound_label, sequence_id, outbound, text) in rows
+    {
+        let (sessions, segments) = by_call.entry((business, call_sid)).or_default();
         if !sessions.iter().any(|s| s.session_sid == session_sid) {
             sessions.push(Session { session_sid: session_sid.clone(), first_at, inbound_label, outbound_label });
         }
@@ -481,7 +493,7 @@ async fn realtime_pieces(
             segments.push(Segment { session_sid, sequence_id, track, text });
         }
     }
-    Ok((sessions, segments))
+    Ok(by_call)
 }
 
 /// Keeps which call a recording belongs to (any status), for Intelligence transcripts of it.
