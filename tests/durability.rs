@@ -89,6 +89,60 @@ async fn broker_down_at_the_ingress_events_wait_in_the_outbox_and_are_applied_on
     app.stop().await;
 }
 
+/// A broker that stops confirming without closing the connection: an event that
+/// queued behind the message in flight is answered once its own PUBLISH_TIMEOUT
+/// is up (kept in the outbox), not after that message's timeout and then its
+/// own; once the broker is back, each event is applied once.
+#[tokio::test]
+async fn behind_a_broker_that_stalls_each_event_waits_one_publish_timeout_and_is_applied_once() {
+    let app = TestApp::spawn_proxied(|v| {
+        v.insert("PUBLISH_TIMEOUT".into(), "2s".into());
+    })
+    .await;
+    let b = app.twilio_business(TOKEN).await;
+    let amqp = app.amqp_proxy.as_ref().unwrap();
+    // A first request connects the ingress's publisher through the proxy.
+    for params in call(1) {
+        assert_eq!(post(&app, b, &params).await.status(), 204);
+    }
+    app.settled(4).await;
+
+    amqp.freeze();
+    let calls: Vec<_> = (2..5).map(call).collect();
+    let timed = |params: Vec<(String, String)>, after: u64| {
+        let app = &app;
+        async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            let started = std::time::Instant::now();
+            let status = post(app, b, &params).await.status();
+            (status, started.elapsed())
+        }
+    };
+    // The first leaves at once and waits for its confirm; the next two arrive while it does.
+    let answers = futures_util::future::join_all(
+        calls.iter().enumerate().map(|(i, c)| timed(c[3].clone(), if i == 0 { 0 } else { 300 })),
+    )
+    .await;
+    for (status, took) in &answers {
+        assert_eq!(*status, 204, "kept in the outbox");
+        assert!(*took < Duration::from_secs(3), "answered after {took:?}: more than one PUBLISH_TIMEOUT (2s)");
+    }
+    assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.outbox").await, 3);
+
+    amqp.thaw();
+    app.eventually("an empty outbox", || async {
+        (count(&app, "SELECT count(*) FROM webhook_worker.outbox").await == 0).then_some(())
+    })
+    .await;
+    app.settled(7).await;
+    app.quiet().await;
+    assert_eq!(count(&app, "SELECT count(*) FROM webhook_worker.inbox").await, 7, "each applied once");
+    let rows = calls_of(&app.pool, b).await;
+    assert_eq!(rows.len(), 4, "one row per call: {rows:?}");
+    assert!(rows.iter().all(|c| c.status == "completed"), "{rows:?}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn broker_and_database_down_the_answer_is_503_with_retry_after() {
     let app = TestApp::spawn_proxied(|v| {

@@ -107,9 +107,14 @@ impl Durable {
         if gather.send(Waiting { event, confirmed }).await.is_err() {
             return Err(BusError::Refused("the group publisher stopped"));
         }
-        match heard.await {
-            Ok(result) => result.map_err(BusError::Shared),
-            Err(_) => Err(BusError::Refused("the group publisher stopped")),
+        // An event waits for its message's confirm no longer than a publish of
+        // its own would have: behind a message the broker is slow to confirm, it
+        // goes to the outbox when its own time is up (the message may still be
+        // confirmed later; its key makes the second copy a duplicate).
+        match tokio::time::timeout(self.publisher.timeout(), heard).await {
+            Ok(Ok(result)) => result.map_err(BusError::Shared),
+            Ok(Err(_)) => Err(BusError::Refused("the group publisher stopped")),
+            Err(_) => Err(BusError::ConfirmTimeout(self.publisher.timeout())),
         }
     }
 

@@ -214,6 +214,11 @@ impl Publisher {
         Publisher { broker, timeout, channel: Mutex::new(None) }
     }
 
+    /// How long a publish waits for the broker's confirm (`PUBLISH_TIMEOUT`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Publishes an envelope (already encoded as `body`) to the events exchange, first attempt.
     pub async fn publish_envelope(
         &self,

@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 pub struct Proxy {
@@ -14,6 +17,8 @@ pub struct Proxy {
     attempts: Arc<AtomicUsize>,
     links: Arc<Mutex<Vec<AbortHandle>>>,
     accept_loop: AbortHandle,
+    /// While true, connections stay open but no byte passes (a server that stalls).
+    frozen: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -25,24 +30,41 @@ impl Proxy {
         let attempts = Arc::new(AtomicUsize::new(0));
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let (o, a, l) = (open.clone(), attempts.clone(), links.clone());
+        let (frozen, watching) = watch::channel(false);
         let accept_loop = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
                 if !o.load(Ordering::SeqCst) {
                     // Cut: the peer sees its connection closed at once, like a dead server.
                     drop(client);
                     continue;
                 }
+                let watching = watching.clone();
                 let link = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = TcpStream::connect(target).await {
+                        let (client_in, client_out) = client.into_split();
+                        let (server_in, server_out) = server.into_split();
+                        tokio::join!(
+                            pump(client_in, server_out, watching.clone()),
+                            pump(server_in, client_out, watching)
+                        );
                     }
                 });
                 l.lock().unwrap().push(link.abort_handle());
             }
         })
         .abort_handle();
-        Proxy { addr, open, attempts, links, accept_loop }
+        Proxy { addr, open, attempts, links, accept_loop, frozen }
+    }
+
+    /// Keeps every connection open but lets no byte through until `thaw`: the
+    /// server looks alive and never answers (a broker that stops confirming).
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
     }
 
     /// Drops every open connection and refuses new ones until `restore`.
@@ -61,6 +83,26 @@ impl Proxy {
     pub fn attempts(&self) -> usize {
         self.attempts.load(Ordering::SeqCst)
     }
+}
+
+/// Copies one direction of a link, holding what it read while the proxy is frozen.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut frozen: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while *frozen.borrow_and_update() {
+            if frozen.changed().await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Drop for Proxy {
