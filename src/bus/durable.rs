@@ -92,16 +92,9 @@ impl Durable {
     async fn publish(&self, env: &Envelope, body: Vec<u8>, traceparent: Option<&str>) -> Result<(), BusError> {
         let family = env.event.family();
         let at = Family::ALL.iter().position(|f| *f == family).unwrap_or(0);
-        let event = Pending {
-            body,
-            key: env.key.clone(),
-            kind: env.event.kind(),
-            traceparent: traceparent.map(str::to_string),
-        };
+        let event = Pending::of(env, body, traceparent);
         let Some(gather) = self.gather.get(at) else {
-            let result = self.publisher.publish_events(&self.topology, family, &[&event]).await;
-            metrics::counter!(telemetry::EVENT_MESSAGES_PUBLISHED, "family" => family.as_str()).increment(1);
-            return result;
+            return publish_counted(&self.publisher, &self.topology, family, &[&event]).await;
         };
         let (confirmed, heard) = oneshot::channel();
         if gather.send(Waiting { event, confirmed }).await.is_err() {
@@ -179,13 +172,24 @@ async fn group_publish(
             let take = fits(waiting.iter().map(|w| w.event.body.len()));
             let message: Vec<Waiting> = waiting.drain(..take).collect();
             let events: Vec<&Pending> = message.iter().map(|w| &w.event).collect();
-            let result = publisher.publish_events(&topology, family, &events).await.map_err(Arc::new);
-            metrics::counter!(telemetry::EVENT_MESSAGES_PUBLISHED, "family" => family.as_str()).increment(1);
+            let result = publish_counted(&publisher, &topology, family, &events).await.map_err(Arc::new);
             for w in message {
                 let _ = w.confirmed.send(result.clone());
             }
         }
     }
+}
+
+/// Publishes one message of accepted events and counts it.
+async fn publish_counted(
+    publisher: &Publisher,
+    topology: &Topology,
+    family: Family,
+    events: &[&Pending],
+) -> Result<(), BusError> {
+    let result = publisher.publish_events(topology, family, events).await;
+    metrics::counter!(telemetry::EVENT_MESSAGES_PUBLISHED, "family" => family.as_str()).increment(1);
+    result
 }
 
 /// Events a message waits (up to `PUBLISH_WAIT`) to carry before it leaves.

@@ -196,6 +196,13 @@ pub struct Pending {
     pub traceparent: Option<String>,
 }
 
+impl Pending {
+    /// An envelope already encoded as `body`, in the trace `traceparent`.
+    pub fn of(env: &Envelope, body: Vec<u8>, traceparent: Option<&str>) -> Self {
+        Pending { body, key: env.key.clone(), kind: env.event.kind(), traceparent: traceparent.map(str::to_string) }
+    }
+}
+
 /// What goes out: where, and with which headers.
 pub struct Outgoing<'a> {
     pub exchange: &'a str,
@@ -217,27 +224,6 @@ impl Publisher {
     /// How long a publish waits for the broker's confirm (`PUBLISH_TIMEOUT`).
     pub fn timeout(&self) -> Duration {
         self.timeout
-    }
-
-    /// Publishes an envelope (already encoded as `body`) to the events exchange, first attempt.
-    pub async fn publish_envelope(
-        &self,
-        topo: &Topology,
-        env: &Envelope,
-        body: &[u8],
-        traceparent: Option<&str>,
-    ) -> Result<(), BusError> {
-        let out = Outgoing {
-            exchange: &topo.events_exchange(),
-            routing_key: env.event.family().as_str(),
-            body,
-            message_id: &env.key,
-            kind: env.event.kind(),
-            attempt: 1,
-            error: None,
-            traceparent,
-        };
-        self.publish(&out).await
     }
 
     /// Publishes these events of one family to the events exchange as one
@@ -269,17 +255,14 @@ impl Publisher {
             error: None,
             traceparent: None,
         };
-        let mut props = properties(&out);
+        let props = properties(&out);
         let traceparents = events
             .iter()
             .map(|e| AMQPValue::LongString(LongString::from(e.traceparent.clone().unwrap_or_default())))
             .collect::<Vec<_>>();
-        if let Some(headers) = props.headers().clone() {
-            let mut headers = headers;
-            headers.insert(pack::TRACEPARENTS_HEADER.into(), AMQPValue::FieldArray(traceparents.into()));
-            props = props.with_headers(headers);
-        }
-        self.send(&out, props).await
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(pack::TRACEPARENTS_HEADER.into(), AMQPValue::FieldArray(traceparents.into()));
+        self.send(&out, props.with_headers(headers)).await
     }
 
     /// Returns once the broker has taken responsibility for the message.

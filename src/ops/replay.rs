@@ -8,7 +8,7 @@ use futures_util::TryStreamExt;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::bus::{Publisher, Topology};
+use crate::bus::{Pending, Publisher, Topology};
 use crate::events::{Envelope, Provider};
 pub use crate::store::inbox::Filter;
 use crate::store::{event_log, inbox};
@@ -75,7 +75,7 @@ async fn publish(
     progress: &Progress,
 ) -> Result<(), ReplayError> {
     publisher
-        .publish_envelope(topo, env, &env.to_json(), None)
+        .publish_events(topo, env.event.family(), &[&Pending::of(env, env.to_json(), None)])
         .await
         .map_err(|error| ReplayError::Publish { key: env.key.clone(), error })?;
     done.published += 1;
