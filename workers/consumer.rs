@@ -233,35 +233,26 @@ impl Item {
     /// A pack that does not split is one undecodable item, parked whole.
     pub fn split(delivery: Delivery, family: Family) -> Vec<Item> {
         let props = &delivery.properties;
-        let attempt = attempt_of(header_int(props, ATTEMPT_HEADER));
+        let (tag, attempt) = (delivery.delivery_tag, attempt_of(header_int(props, ATTEMPT_HEADER)));
         let message_id = props.message_id().as_ref().map_or_else(String::new, |m| m.to_string());
         let kind = props.kind().as_ref().map_or_else(|| "unknown".to_string(), |k| k.to_string());
-        let parts = match pack::is_pack(&delivery.data).then(|| pack::split(&delivery.data)) {
-            None => None,
-            Some(Ok(parts)) => Some(parts),
-            Some(Err(reason)) => {
-                let item = Item::of(delivery.delivery_tag, delivery.data.clone(), message_id, kind, attempt, family);
-                return vec![Item { envelope: Err(reason), traceparent: None, ..item }];
-            }
-        };
-        let Some(parts) = parts else {
+        if !pack::is_pack(&delivery.data) {
             let traceparent = header_str(props, TRACEPARENT);
-            let item = Item::of(delivery.delivery_tag, delivery.data, message_id, kind, attempt, family);
-            return vec![Item { traceparent, ..item }];
+            return vec![Item { traceparent, ..Item::of(tag, delivery.data, message_id, kind, attempt, family) }];
+        }
+        let parts = match pack::split(&delivery.data) {
+            Ok(parts) => parts,
+            Err(reason) => {
+                let item = Item::of(tag, delivery.data.clone(), message_id, kind, attempt, family);
+                return vec![Item { envelope: Err(reason), ..item }];
+            }
         };
         let traceparents = traceparents(props);
         parts
             .into_iter()
             .enumerate()
             .map(|(i, part)| {
-                let mut item = Item::of(
-                    delivery.delivery_tag,
-                    part.as_bytes().to_vec(),
-                    String::new(),
-                    String::new(),
-                    attempt,
-                    family,
-                );
+                let mut item = Item::of(tag, part.as_bytes().to_vec(), String::new(), String::new(), attempt, family);
                 (item.message_id, item.kind) = match &item.envelope {
                     Ok(env) => (env.key.clone(), env.event.kind().to_string()),
                     Err(_) => (format!("{message_id} #{}", i + 1), "unknown".to_string()),
@@ -473,9 +464,7 @@ impl AckState {
         }
         to_ack
     }
-}
 
-impl AckState {
     /// Marks these messages handed back; the ones to nack (each once, never one already acked).
     fn requeue(&mut self, tags: impl Iterator<Item = u64>) -> Vec<u64> {
         let mut nack = Vec::new();

@@ -211,20 +211,14 @@ pub async fn apply_realtime(
 }
 
 /// Each call's real-time text from every segment kept, this transaction's
-/// included, in one statement for all of them (`None`: no segment).
+/// included, in one statement for all of them, by (business, call SID); a
+/// call with no session is not in it.
 pub(super) async fn recompute_realtime(
     tx: &mut PgConnection,
     calls: &[(BusinessId, &str)],
 ) -> Result<HashMap<(i32, String), Option<String>>, sqlx::Error> {
-    let mut pieces = realtime_pieces(tx, calls).await?;
-    Ok(calls
-        .iter()
-        .map(|(b, sid)| {
-            let key = (b.0, sid.to_string());
-            let text = pieces.remove(&key).and_then(|(sessions, segments)| realtime_text(&sessions, &segments));
-            (key, text)
-        })
-        .collect())
+    let pieces = realtime_pieces(tx, calls).await?;
+    Ok(pieces.into_iter().map(|(call, (sessions, segments))| (call, realtime_text(&sessions, &segments))).collect())
 }
 
 async fn session_has_text(tx: &mut PgConnection, session: i64) -> Result<bool, sqlx::Error> {
