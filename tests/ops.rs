@@ -80,15 +80,6 @@ fn broker(app: &TestApp) -> std::sync::Arc<Broker> {
     std::sync::Arc::new(Broker::new(app.cfg.amqp_url.expose(), "ops-test", app.topology()))
 }
 
-/// Waits until the calls DLQ holds exactly `n` messages and returns them.
-async fn parked(app: &TestApp, broker: &Broker, n: usize) -> Vec<dlq::Parked> {
-    app.eventually(&format!("{n} parked message(s)"), || async {
-        let list = dlq::list(broker, &app.topology(), Some(Family::Calls.into()), 100).await.ok()?;
-        (list.len() == n).then_some(list)
-    })
-    .await
-}
-
 #[tokio::test]
 async fn a_parked_event_is_listed_shown_and_redriven_once_it_can_be_applied() {
     let app = TestApp::spawn().await;
@@ -100,13 +91,13 @@ async fn a_parked_event_is_listed_shown_and_redriven_once_it_can_be_applied() {
     let env = Envelope::new(key.clone(), Some(BusinessId(missing)), "req".into(), Event::TwilioCallStatus(event));
     publish_raw(&app, &env.to_json(), &key).await;
 
-    let list = parked(&app, &broker, 1).await;
+    let list = app.parked(&broker, 1).await;
     assert_eq!(list[0].id, key);
     assert_eq!(list[0].family, "calls");
     assert_eq!(list[0].attempt, 3);
     assert!(list[0].reason.contains("calls_business_id_businesses_id_fk"), "{}", list[0].reason);
     // Listing lost nothing.
-    assert_eq!(parked(&app, &broker, 1).await[0].id, key);
+    assert_eq!(app.parked(&broker, 1).await[0].id, key);
 
     // The same through the binary.
     let out = cli(&app, &["dlq", "list", "--family", "calls"]);
@@ -154,7 +145,7 @@ async fn a_redriven_message_that_is_still_bad_is_parked_again_with_its_reason() 
     let broker = broker(&app);
     publish_raw(&app, b"{not json", "bad-1").await;
     publish_raw(&app, b"{not json either", "bad-2").await;
-    let list = parked(&app, &broker, 2).await;
+    let list = app.parked(&broker, 2).await;
     assert!(list.iter().all(|p| p.reason.contains("undecodable envelope")), "{list:?}");
 
     let publisher = Publisher::new(broker.clone(), app.cfg.publish_timeout);
@@ -179,7 +170,7 @@ async fn a_redriven_message_that_is_still_bad_is_parked_again_with_its_reason() 
     // --all takes everything.
     let done = dlq::redrive(&broker, &publisher, &app.topology(), &dlq::Select::All, None, 100).await.unwrap();
     assert_eq!(done.redriven.len(), 2);
-    parked(&app, &broker, 2).await;
+    app.parked(&broker, 2).await;
     broker.close().await;
     app.stop().await;
 }
@@ -208,7 +199,7 @@ async fn a_message_the_broker_parked_says_so() {
         .unwrap();
     conn.close(200, "bye".into()).await.ok();
 
-    let list = parked(&app, &broker, 1).await;
+    let list = app.parked(&broker, 1).await;
     let expected = format!(
         "parked by the broker: delivery_limit in {} (an earlier try: no call yet)",
         app.topology().work_queue(Family::Calls)

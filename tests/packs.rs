@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{TestApp, calls_of};
 use micro8gents::bus::{Broker, Pending, Publisher};
 use micro8gents::events::twilio::{Params, parse_call_status};
@@ -37,7 +39,7 @@ fn envelope(business: i32, call: &str) -> Envelope {
 }
 
 fn pending(env: &Envelope) -> Pending {
-    Pending { body: env.to_json(), key: env.key.clone(), kind: env.event.kind(), traceparent: None }
+    Pending::of(env, env.to_json(), None)
 }
 
 fn broker(app: &TestApp) -> std::sync::Arc<Broker> {
@@ -53,24 +55,6 @@ async fn calls_completed(app: &TestApp, business: i32, calls: usize) {
     .await;
     let rows = calls_of(&app.pool, business).await;
     assert!(rows.iter().all(|c| c.status == "completed" && c.duration.as_deref() == Some("2:05")), "{rows:?}");
-}
-
-/// The sum of a counter's series in the service's `/metrics`.
-async fn counter(app: &TestApp, name: &str) -> f64 {
-    let text = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// The calls DLQ once it holds exactly `n` messages.
-async fn parked(app: &TestApp, broker: &Broker, n: usize) -> Vec<dlq::Parked> {
-    app.eventually(&format!("{n} parked message(s)"), || async {
-        let list = dlq::list(broker, &app.topology(), Some(Family::Calls.into()), 100).await.ok()?;
-        (list.len() == n).then_some(list)
-    })
-    .await
 }
 
 #[tokio::test]
@@ -91,7 +75,7 @@ async fn each_event_of_a_pack_is_applied_retried_or_parked_on_its_own_and_the_pa
     calls_completed(&app, b, 2).await;
     // Each bad event is parked alone, as the message it would have been: the
     // broken one at once, the other after its tries (RETRY_DELAYS 100ms,200ms).
-    let mut list = parked(&app, &broker, 2).await;
+    let mut list = app.parked(&broker, 2).await;
     list.sort_by_key(|p| p.attempt);
     assert_eq!(list[0].body, br#"{"not":"an envelope"}"#);
     assert_eq!(list[0].id, format!("pack of 5: {} #4", a.key));
@@ -99,7 +83,7 @@ async fn each_event_of_a_pack_is_applied_retried_or_parked_on_its_own_and_the_pa
     assert_eq!((list[1].id.as_str(), list[1].attempt), (nowhere.key.as_str(), 3));
     assert_eq!(list[1].body, nowhere.to_json());
     assert!(list[1].reason.contains("calls_business_id_businesses_id_fk"), "{}", list[1].reason);
-    assert_eq!(counter(&app, "micro8gents_events_duplicate_total").await, 1.0, "A's second copy");
+    assert_eq!(app.counter("micro8gents_events_duplicate_total").await, 1.0, "A's second copy");
 
     // Acknowledged once all five settled: stopping the consumer hands nothing back.
     app.stop_service().await;
@@ -109,12 +93,16 @@ async fn each_event_of_a_pack_is_applied_retried_or_parked_on_its_own_and_the_pa
     app.stop().await;
 }
 
-/// Posts one completed callback per call, all at once; every answer is 204.
-async fn post_at_once(app: &TestApp, business: i32, calls: usize) {
+/// Posts one completed callback for each of `calls` calls, the next `apart` after
+/// the one before (each sent without waiting for the answer before it); every answer is 204.
+async fn post_apart(app: &TestApp, business: i32, calls: usize, apart: Duration) {
     let params: Vec<_> = (0..calls).map(|i| completed(&format!("CA{i:032}"))).collect();
-    let answers = futures_util::future::join_all(params.iter().map(|p| {
+    let answers = futures_util::future::join_all(params.iter().enumerate().map(|(i, p)| {
         let borrowed: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        async move { app.post_twilio(business, "call-status", TOKEN, &borrowed).await.status() }
+        async move {
+            tokio::time::sleep(apart * i as u32).await;
+            app.post_twilio(business, "call-status", TOKEN, &borrowed).await.status()
+        }
     }))
     .await;
     assert!(answers.iter().all(|s| *s == 204), "{answers:?}");
@@ -124,13 +112,13 @@ async fn post_at_once(app: &TestApp, business: i32, calls: usize) {
 async fn requests_that_arrive_together_share_messages_and_each_event_lands_once() {
     let app = TestApp::spawn().await;
     let b = app.twilio_business(TOKEN).await;
-    post_at_once(&app, b, 200).await;
+    post_apart(&app, b, 200, Duration::ZERO).await;
     app.quiet().await;
     calls_completed(&app, b, 200).await;
-    let messages = counter(&app, "micro8gents_event_messages_published_total").await;
-    assert_eq!(counter(&app, "micro8gents_events_accepted_total").await, 200.0);
+    let messages = app.counter("micro8gents_event_messages_published_total").await;
+    assert_eq!(app.counter("micro8gents_events_accepted_total").await, 200.0);
     assert!((1.0..200.0).contains(&messages), "200 events in {messages} messages");
-    assert_eq!(counter(&app, "micro8gents_events_duplicate_total").await, 0.0);
+    assert_eq!(app.counter("micro8gents_events_duplicate_total").await, 0.0);
     app.stop().await;
 }
 
@@ -141,10 +129,10 @@ async fn with_publish_pack_1_every_event_is_its_own_message() {
     })
     .await;
     let b = app.twilio_business(TOKEN).await;
-    post_at_once(&app, b, 100).await;
+    post_apart(&app, b, 100, Duration::ZERO).await;
     app.quiet().await;
     calls_completed(&app, b, 100).await;
-    assert_eq!(counter(&app, "micro8gents_event_messages_published_total").await, 100.0);
+    assert_eq!(app.counter("micro8gents_event_messages_published_total").await, 100.0);
     app.stop().await;
 }
 
@@ -168,7 +156,7 @@ async fn a_pack_the_broker_parked_is_redriven_and_split() {
     conn.close(200, "bye".into()).await.ok();
 
     let broker = broker(&app);
-    let list = parked(&app, &broker, 1).await;
+    let list = app.parked(&broker, 1).await;
     assert!(list[0].body_text().contains(&a.key) && list[0].body_text().contains(&c.key));
     let publisher = Publisher::new(broker.clone(), app.cfg.publish_timeout);
     let done = dlq::redrive(&broker, &publisher, &app.topology(), &dlq::Select::All, None, 100).await.unwrap();
@@ -189,20 +177,10 @@ async fn with_publish_wait_a_few_requests_wait_for_company_and_leave_together() 
     // 16 requests sent 3 ms apart (each alone would leave alone, its message
     // confirmed before the next arrives): the first waits up to 100 ms for
     // company, so they share a message or two.
-    let params: Vec<_> = (0..16).map(|i| completed(&format!("CA{i:032}"))).collect();
-    let shared = &app;
-    let answers = futures_util::future::join_all(params.iter().enumerate().map(|(i, p)| {
-        let borrowed: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        async move {
-            tokio::time::sleep(std::time::Duration::from_millis(3 * i as u64)).await;
-            shared.post_twilio(b, "call-status", TOKEN, &borrowed).await.status()
-        }
-    }))
-    .await;
-    assert!(answers.iter().all(|s| *s == 204), "{answers:?}");
+    post_apart(&app, b, 16, Duration::from_millis(3)).await;
     app.quiet().await;
     calls_completed(&app, b, 16).await;
-    let messages = counter(&app, "micro8gents_event_messages_published_total").await;
+    let messages = app.counter("micro8gents_event_messages_published_total").await;
     assert!((1.0..=4.0).contains(&messages), "16 events in {messages} messages");
     app.stop().await;
 }

@@ -300,12 +300,8 @@ async fn segments_that_share_a_batch_end_as_if_each_came_alone() {
     .await
     .unwrap();
     assert_eq!((segments, sessions), (7, 2));
-    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
-    let value = |name: &str| -> f64 {
-        metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-    };
-    assert_eq!(value("micro8gents_events_duplicate_total"), 7.0, "each retry is a duplicate");
-    assert_eq!(value("micro8gents_batches_total{family=\"calls\"}"), 1.0, "they shared one batch");
+    assert_eq!(app.counter("micro8gents_events_duplicate_total").await, 7.0, "each retry is a duplicate");
+    assert_eq!(app.counter("micro8gents_batches_total{family=\"calls\"}").await, 1.0, "they shared one batch");
     app.stop().await;
 }
 

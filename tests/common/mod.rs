@@ -359,6 +359,26 @@ impl TestApp {
         }
     }
 
+    /// The sum of a counter's series (`name` alone, or with its labels) in the service's `/metrics`.
+    pub async fn counter(&self, name: &str) -> f64 {
+        let text = self.http.get(format!("{}/metrics", self.base)).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The calls dead-letter queue once it holds exactly `n` messages.
+    pub async fn parked(&self, broker: &micro8gents::bus::Broker, n: usize) -> Vec<micro8gents::ops::dlq::Parked> {
+        use micro8gents::events::Family;
+        self.eventually(&format!("{n} parked message(s)"), || async {
+            let list =
+                micro8gents::ops::dlq::list(broker, &self.topology(), Some(Family::Calls.into()), 100).await.ok()?;
+            (list.len() == n).then_some(list)
+        })
+        .await
+    }
+
     /// Waits until the worker has settled `n` events (applied or ignored): the
     /// event log's rows and the Real-Time segments, which are their own log entries.
     pub async fn settled(&self, n: i64) {
