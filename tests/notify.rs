@@ -513,6 +513,53 @@ fn realtime(call: &str, seq: u32, event: &str, extra: &[(&str, &str)]) -> Vec<(S
     p
 }
 
+/// A session's start, segments and stop in one batch: the batch writes the
+/// session and its segments in one statement before its events are applied, and
+/// the stop (posted first) is noticed with the text of the segments of the same
+/// batch, read when the batch's writes are flushed.
+#[tokio::test]
+async fn a_real_time_session_that_starts_speaks_and_stops_in_one_batch_is_noticed_with_its_text() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("NOTIFY_ALLOW_PRIVATE_NETWORKS".into(), "true".into());
+        v.insert("BATCH_WAIT".into(), "2s".into());
+    })
+    .await;
+    let r = Receiver::start(SECRET).await;
+    let (b, _) = business(&app, &r.url("rt"), Some(json!(["call.transcript_ready"]))).await;
+    let call = call_sid(4);
+    let line = |text: &str| json!({"transcript": text, "confidence": 0.98}).to_string();
+    let (hello, book) = (line("Hello, this is Sam"), line("A cleaning, please"));
+    let events = [
+        realtime(&call, 4, "transcription-stopped", &[]),
+        realtime(&call, 1, "transcription-started", &[("Track", "both_tracks"), ("InboundTrackLabel", "Jane")]),
+        realtime(
+            &call,
+            2,
+            "transcription-content",
+            &[("Track", "outbound_track"), ("Final", "true"), ("TranscriptionData", &hello)],
+        ),
+        realtime(
+            &call,
+            3,
+            "transcription-content",
+            &[("Track", "inbound_track"), ("Final", "true"), ("TranscriptionData", &book)],
+        ),
+    ];
+    futures_util::future::join_all(events.iter().map(|e| post(&app, b, "transcription", e))).await;
+    let got = received(&app, &r, "rt", 1).await;
+    assert_eq!(got[0].body["type"], "call.transcript_ready");
+    assert_eq!(got[0].body["data"]["transcript"], "Agent: Hello, this is Sam\nJane: A cleaning, please");
+    assert_eq!(app.counter("micro8gents_batches_total{family=\"calls\"}").await, 1.0, "they shared one batch");
+    let stopped: bool =
+        sqlx::query_scalar("SELECT stopped FROM webhook_worker.transcript_sessions WHERE business_id = $1")
+            .bind(b)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(stopped);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_real_time_session_with_text_is_noticed_when_it_stops_and_a_higher_source_again() {
     let app = spawn().await;

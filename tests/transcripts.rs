@@ -280,7 +280,8 @@ async fn segments_that_share_a_batch_end_as_if_each_came_alone() {
     events.push(started(GT_B, 30, &[("InboundTrackLabel", "Jane")]));
     events.push(content(GT_B, 2, 31, "inbound_track", "One more thing."));
     events.push(content(GT_B, 3, 32, "outbound_track", "Sure."));
-    // Enough for one batch (16) without waiting: 11 events here, 16 with five more retries.
+    events.push(rt(GT_B, 4, 33, "transcription-stopped", &[]));
+    // Enough for one batch (16) without waiting: 12 events here, 17 with five more retries.
     for i in 0..5 {
         events.push(events[i].clone());
     }
@@ -300,6 +301,14 @@ async fn segments_that_share_a_batch_end_as_if_each_came_alone() {
     .await
     .unwrap();
     assert_eq!((segments, sessions), (7, 2));
+    let stopped: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT session_sid, stopped FROM webhook_worker.transcript_sessions WHERE business_id = $1 ORDER BY 1",
+    )
+    .bind(b)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stopped, [(GT_B.to_string(), true), (GT_A.to_string(), false)]);
     assert_eq!(app.counter("micro8gents_events_duplicate_total").await, 7.0, "each retry is a duplicate");
     assert_eq!(app.counter("micro8gents_batches_total{family=\"calls\"}").await, 1.0, "they shared one batch");
     app.stop().await;

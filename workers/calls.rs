@@ -42,8 +42,10 @@ impl CallState {
 pub enum Happened {
     /// `calls.transcript` was stored from this source.
     TranscriptStored(Source),
-    /// A Real-Time Transcription session stopped; `with_text` if it gave any segment.
-    RealtimeSessionStopped { with_text: bool },
+    /// A Real-Time Transcription session stopped. Whether it gave any segment is
+    /// read at the flush ([`PendingCall::sessions_with_text`]), with the batch's
+    /// segments in, whatever their order in the batch.
+    RealtimeSessionStopped { session_sid: String },
     /// The call's status became final (`completed` or `missed`).
     BecameFinal,
     /// An answered `<Dial>` leg made the call `transferred`.
@@ -151,7 +153,7 @@ impl Applier for Calls {
         let calls: Vec<(BusinessId, &str)> =
             fresh.iter().filter_map(|env| Some((env.business_id?, call_of(&env.event)?))).collect();
         writes.lock_all(tx, &calls, wait).await?;
-        transcripts::write_segments(tx, writes, fresh).await
+        transcripts::write_sessions(tx, writes, fresh).await
     }
 
     async fn flush(tx: &mut PgConnection, writes: &mut CallWrites) -> Result<(), sqlx::Error> {
@@ -271,9 +273,9 @@ pub struct CallWrites {
     busy: Vec<(BusinessId, String)>,
     /// Twilio's REST API, for Intelligence transcripts; `None` where the worker has none.
     pub twilio: Option<std::sync::Arc<crate::twilio_api::TwilioApi>>,
-    /// The batch's Real-Time segments written ahead in one statement
-    /// ([`transcripts::write_segments`]), by business, session and `SequenceId`.
-    pub(super) segments: transcripts::SegmentsWritten,
+    /// The batch's Real-Time sessions and segments, written ahead in one statement
+    /// ([`transcripts::write_sessions`]).
+    pub(super) sessions: transcripts::SessionsWritten,
 }
 
 #[derive(Debug)]
@@ -291,6 +293,8 @@ pub struct PendingCall {
     /// A real-time event of this batch changed the call's segments or sessions:
     /// its text is recomputed once, at the flush.
     pub realtime_changed: bool,
+    /// Read at the flush when `realtime_changed`: the call's sessions with a segment kept.
+    sessions_with_text: HashSet<String>,
 }
 
 impl PendingCall {
@@ -349,6 +353,7 @@ impl CallWrites {
                     recorded: false,
                     happened: Vec::new(),
                     realtime_changed: false,
+                    sessions_with_text: HashSet::new(),
                 });
                 self.calls.len() - 1
             }
@@ -399,6 +404,7 @@ impl CallWrites {
                 recorded: false,
                 happened: Vec::new(),
                 realtime_changed: false,
+                sessions_with_text: HashSet::new(),
             });
         }
         Ok(())
@@ -415,8 +421,9 @@ impl CallWrites {
         if !changed.is_empty() {
             let mut texts = transcripts::recompute_realtime(tx, &changed).await?;
             for c in pending.iter_mut().filter(|c| c.realtime_changed) {
-                let text = texts.remove(&(c.business.0, c.call_sid.clone())).flatten();
-                c.store_transcript(Source::Realtime, text, Utc::now());
+                let read = texts.remove(&(c.business.0, c.call_sid.clone())).unwrap_or_default();
+                c.store_transcript(Source::Realtime, read.text, Utc::now());
+                c.sessions_with_text = read.with_text;
             }
         }
         if !pending.is_empty() {
@@ -480,8 +487,9 @@ async fn notify_changes(tx: &mut PgConnection, c: &PendingCall, call_id: Option<
             Happened::TranscriptStored(source @ (Source::Record | Source::Intelligence)) => {
                 Change::TranscriptReady { call_id, source: source.as_str() }
             }
-            Happened::RealtimeSessionStopped { with_text: true }
-                if c.state.transcript_source() == Some(Source::Realtime) =>
+            Happened::RealtimeSessionStopped { session_sid }
+                if c.sessions_with_text.contains(session_sid)
+                    && c.state.transcript_source() == Some(Source::Realtime) =>
             {
                 Change::TranscriptReady { call_id, source: Source::Realtime.as_str() }
             }

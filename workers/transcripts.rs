@@ -174,34 +174,28 @@ pub async fn apply_realtime(
         received_at,
         sent_at: e.timestamp,
     });
-    let written = match segment {
-        Some(_) => writes.segments.take(business, &e.session_sid, e.sequence_id),
-        None => None,
-    };
+    let written = writes.sessions.take(business, &e.session_sid, segment.as_ref().map(|g| g.sequence_id));
     let state = match written {
         Some(state) => state,
         None => record_session(tx, business, e, at, segment.as_ref()).await?,
     };
-    let session = match state {
+    match state {
         // The segment claims no inbox key (`Calls::claims_key`): its row is the
         // record that it was applied, so one already there makes it a duplicate.
         // It is its event's log entry too: with the two times, `replay` rebuilds the
         // envelope from it ([`logged_segments`]).
         SessionState::Kept { segment_inserted: false, .. } if segment.is_some() => return Ok(Outcome::Duplicate),
-        SessionState::Kept { id, .. } => id,
+        SessionState::Kept { .. } => {}
         SessionState::Pruned => {
             return Ok(Outcome::Ignored(
                 "the session's segments were removed after EVENT_RETENTION; the call's transcript stays as it is",
             ));
         }
-    };
-    let with_text = match e.kind {
-        RealtimeKind::Stopped => Some(session_has_text(tx, session).await?),
-        _ => None,
-    };
+    }
     let call = writes.call(tx, business, &e.call_sid).await?;
-    if let Some(with_text) = with_text {
-        call.happened.push(Happened::RealtimeSessionStopped { with_text });
+    if matches!(e.kind, RealtimeKind::Stopped) {
+        // Whether it gave any text is read at the flush, with the call's segments.
+        call.happened.push(Happened::RealtimeSessionStopped { session_sid: e.session_sid.clone() });
     }
     // The row now (this may be the call's first callback); the text once per call
     // and batch, when the batch's writes are flushed (`recompute_realtime`).
@@ -216,16 +210,24 @@ pub async fn apply_realtime(
 pub(super) async fn recompute_realtime(
     tx: &mut PgConnection,
     calls: &[(BusinessId, &str)],
-) -> Result<HashMap<(i32, String), Option<String>>, sqlx::Error> {
+) -> Result<HashMap<(i32, String), Realtime>, sqlx::Error> {
     let pieces = realtime_pieces(tx, calls).await?;
-    Ok(pieces.into_iter().map(|(call, (sessions, segments))| (call, realtime_text(&sessions, &segments))).collect())
+    Ok(pieces
+        .into_iter()
+        .map(|(call, (sessions, segments))| {
+            let with_text = segments.iter().map(|g| g.session_sid.clone()).collect();
+            (call, Realtime { text: realtime_text(&sessions, &segments), with_text })
+        })
+        .collect())
 }
 
-async fn session_has_text(tx: &mut PgConnection, session: i64) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM webhook_worker.transcript_segments WHERE session_id = $1)")
-        .bind(session)
-        .fetch_one(&mut *tx)
-        .await
+/// A call's Real-Time Transcription as this transaction sees it.
+#[derive(Debug, Default)]
+pub(super) struct Realtime {
+    /// The call's real-time text (`None`: no segment kept).
+    pub text: Option<String>,
+    /// The sessions that gave at least one segment still kept.
+    pub with_text: HashSet<String>,
 }
 
 /// Whether a session's segments are still kept (see [`prune_segments_before`]), and
@@ -324,89 +326,162 @@ async fn record_session(
     Ok(if pruned { SessionState::Pruned } else { SessionState::Kept { id, segment_inserted: inserted > 0 } })
 }
 
-/// What [`write_segments`] wrote for a batch: per (business, session, `SequenceId`),
-/// the session's state and whether the segment was a new row.
+/// What [`write_sessions`] wrote for a batch: each session's row (its number, and
+/// whether its segments were pruned), and the segments it inserted.
 #[derive(Debug, Default)]
-pub struct SegmentsWritten(HashMap<(i32, String, i64), SessionState>);
+pub struct SessionsWritten {
+    sessions: HashMap<(i32, String), (i64, bool)>,
+    inserted: HashSet<(i32, String, i64)>,
+}
 
-impl SegmentsWritten {
-    /// What the batch statement did for this segment. The first copy of a segment
-    /// in the batch gets its insert; a second copy is told it was already there.
-    fn take(&mut self, business: BusinessId, session_sid: &str, sequence_id: i64) -> Option<SessionState> {
-        let state = self.0.get_mut(&(business.0, session_sid.to_string(), sequence_id))?;
-        let now = *state;
-        if let SessionState::Kept { id, segment_inserted: true } = now {
-            *state = SessionState::Kept { id, segment_inserted: false };
+impl SessionsWritten {
+    /// What the batch statement did for this event of the session (its segment's
+    /// `SequenceId`, if it has one), or `None` if the statement did not account
+    /// for the session. The first copy of a segment in the batch gets its insert;
+    /// a second copy is told it was already there.
+    fn take(&mut self, business: BusinessId, session_sid: &str, segment: Option<i64>) -> Option<SessionState> {
+        let key = (business.0, session_sid.to_string());
+        let (id, pruned) = *self.sessions.get(&key)?;
+        if pruned {
+            return Some(SessionState::Pruned);
         }
-        Some(now)
+        let segment_inserted = segment.is_some_and(|seq| self.inserted.remove(&(key.0, key.1, seq)));
+        Some(SessionState::Kept { id, segment_inserted })
     }
 }
 
-/// Writes a batch's final Real-Time segments and their sessions in one
-/// statement, before the batch's events are applied one by one (a segment is
-/// most of a call's callbacks; one statement each was the largest Postgres cost
-/// left). Only the segments of a session whose every event in the batch is a
-/// final segment, of a call this transaction holds: a session with a
-/// `transcription-started` or `-stopped` in the batch, and any segment the
-/// statement does not account for (a session another transaction committed
-/// after this statement's snapshot), are written by [`record_session`] as before,
-/// in batch order. Each segment event then reads its outcome from
-/// [`SegmentsWritten`], as it would have from its own statement.
-pub(super) async fn write_segments(
+/// One session's events in a batch, as [`write_sessions`] sends them.
+struct BatchSession<'a> {
+    business: i32,
+    session_sid: &'a str,
+    call_sid: &'a str,
+    /// The earliest time among them.
+    at: NaiveDateTime,
+    /// The labels of its `transcription-started`, if one is in the batch.
+    started: Option<(Option<&'a str>, Option<&'a str>)>,
+    stopped: bool,
+}
+
+/// Writes a batch's Real-Time sessions and final segments in one statement,
+/// before the batch's events are applied one by one (a segment is most of a
+/// call's callbacks; one statement each was the largest Postgres cost left).
+/// Every `transcription-started`, final segment and `-stopped` of a call this
+/// transaction holds: each session is created or updated once, as
+/// [`record_session`] would leave it after all of them (the earliest time, a
+/// start's labels, stopped if one stopped it), and each segment inserted under
+/// it. Whether a stopped session gave any text is read when the batch is
+/// flushed, so it counts the batch's segments whatever their order. (In
+/// realistic traffic a call's start, segments and stop are close enough to
+/// share a lane's batch: a first version that left such sessions to
+/// `record_session` wrote half the segments one statement each.) A session the
+/// statement does not account for (another transaction committed it after
+/// this statement's snapshot) is written by `record_session` as before, event
+/// by event. Each event then reads its outcome from [`SessionsWritten`], as it
+/// would have from its own statement.
+pub(super) async fn write_sessions(
     tx: &mut PgConnection,
     writes: &mut CallWrites,
     fresh: &[&Envelope],
 ) -> Result<(), sqlx::Error> {
-    let mut mixed: HashSet<(i32, &str)> = HashSet::new();
+    let mut sessions: Vec<BatchSession> = Vec::new();
     let mut segments = Vec::new();
+    let mut events = 0;
     for env in fresh {
         let (Some(business), Event::TwilioRealtime(e)) = (env.business_id, &env.event) else { continue };
-        match e.segment() {
-            Some(segment) if !writes.is_busy(business, &e.call_sid) => segments.push((business, env, e, segment)),
-            _ => {
-                mixed.insert((business.0, e.session_sid.as_str()));
+        if writes.is_busy(business, &e.call_sid) {
+            continue;
+        }
+        let at = e.timestamp.unwrap_or(env.received_at).naive_utc();
+        let started = match &e.kind {
+            RealtimeKind::Started { inbound_label, outbound_label } => {
+                Some((inbound_label.as_deref(), outbound_label.as_deref()))
             }
+            RealtimeKind::Content { is_final: true, .. } | RealtimeKind::Stopped => None,
+            // Applied without a session write (see `apply_realtime`).
+            RealtimeKind::Content { .. } | RealtimeKind::Error { .. } => continue,
+        };
+        events += 1;
+        let i = match sessions.iter().position(|s| s.business == business.0 && s.session_sid == e.session_sid) {
+            Some(i) => i,
+            None => {
+                let (session_sid, call_sid) = (e.session_sid.as_str(), e.call_sid.as_str());
+                sessions.push(BatchSession {
+                    business: business.0,
+                    session_sid,
+                    call_sid,
+                    at,
+                    started,
+                    stopped: false,
+                });
+                sessions.len() - 1
+            }
+        };
+        let s = &mut sessions[i];
+        s.at = s.at.min(at);
+        s.call_sid = s.call_sid.min(e.call_sid.as_str());
+        s.started = s.started.or(started);
+        s.stopped |= matches!(e.kind, RealtimeKind::Stopped);
+        if let Some((track, text)) = e.segment() {
+            segments.push((business.0, e, track == Track::Outbound, text, env.received_at));
         }
     }
-    segments.retain(|(b, _, e, _)| !mixed.contains(&(b.0, e.session_sid.as_str())));
-    if segments.len() < 2 {
+    if events < 2 {
         return Ok(());
     }
+    let (mut businesses, mut sids, mut calls, mut ats) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut started, mut inbound, mut outbound_labels, mut stopped) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for s in &sessions {
+        businesses.push(s.business);
+        sids.push(s.session_sid);
+        calls.push(s.call_sid);
+        ats.push(s.at);
+        started.push(s.started.is_some());
+        inbound.push(s.started.and_then(|l| l.0));
+        outbound_labels.push(s.started.and_then(|l| l.1));
+        stopped.push(s.stopped);
+    }
     let n = segments.len();
-    let (mut businesses, mut sessions, mut calls, mut ats) =
+    let (mut g_businesses, mut g_sids, mut seqs, mut outbound) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut seqs, mut outbound, mut texts, mut received, mut sent) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (business, env, e, (track, text)) in &segments {
-        businesses.push(business.0);
-        sessions.push(e.session_sid.as_str());
-        calls.push(e.call_sid.as_str());
-        ats.push(e.timestamp.unwrap_or(env.received_at).naive_utc());
+    let (mut texts, mut received, mut sent) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for (business, e, out, text, received_at) in &segments {
+        g_businesses.push(*business);
+        g_sids.push(e.session_sid.as_str());
         seqs.push(e.sequence_id);
-        outbound.push(*track == Track::Outbound);
+        outbound.push(*out);
         texts.push(*text);
-        received.push(env.received_at);
+        received.push(*received_at);
         sent.push(e.timestamp);
     }
-    // As `record_session`'s statement for a segment: a session row is created, or
-    // moved to an earlier first time, and otherwise read, not rewritten.
+    // As `record_session`'s statement for each event: a session row is created,
+    // or updated only where an event changes it (an earlier time, a start's
+    // labels, a stop), and otherwise read, not rewritten.
     let rows: Vec<(i32, String, i64, bool, Vec<i64>)> = sqlx::query_as(
-        "WITH i AS (
-             SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::timestamp[], $5::int8[], $6::bool[],
-                                  $7::text[], $8::timestamptz[], $9::timestamptz[])
-                 AS i(business_id, session_sid, call_sid, at, sequence_id, outbound, text, received_at, sent_at)),
-         one AS (
-             SELECT business_id, session_sid, min(call_sid) AS call_sid, min(at) AS at FROM i GROUP BY 1, 2),
+        "WITH one AS (
+             SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::timestamp[], $5::bool[], $6::text[],
+                                  $7::text[], $8::bool[])
+                 AS one(business_id, session_sid, call_sid, at, started, inbound_label, outbound_label, stopped)),
+         i AS (
+             SELECT * FROM unnest($9::int4[], $10::text[], $11::int8[], $12::bool[], $13::text[],
+                                  $14::timestamptz[], $15::timestamptz[])
+                 AS i(business_id, session_sid, sequence_id, outbound, text, received_at, sent_at)),
          up AS (
-             INSERT INTO webhook_worker.transcript_sessions AS t (business_id, session_sid, call_sid, first_at, stopped)
-             SELECT business_id, session_sid, call_sid, at, false FROM one
-             ON CONFLICT (business_id, session_sid) DO UPDATE SET first_at = EXCLUDED.first_at
-             WHERE EXCLUDED.first_at < t.first_at
+             INSERT INTO webhook_worker.transcript_sessions AS t
+                 (business_id, session_sid, call_sid, first_at, inbound_label, outbound_label, stopped)
+             SELECT business_id, session_sid, call_sid, at, inbound_label, outbound_label, stopped FROM one
+             ON CONFLICT (business_id, session_sid) DO UPDATE SET
+                 first_at = LEAST(t.first_at, EXCLUDED.first_at),
+                 inbound_label = CASE WHEN (SELECT o.started FROM one o WHERE o.business_id = EXCLUDED.business_id
+                                                                         AND o.session_sid = EXCLUDED.session_sid)
+                                      THEN EXCLUDED.inbound_label ELSE t.inbound_label END,
+                 outbound_label = CASE WHEN (SELECT o.started FROM one o WHERE o.business_id = EXCLUDED.business_id
+                                                                          AND o.session_sid = EXCLUDED.session_sid)
+                                       THEN EXCLUDED.outbound_label ELSE t.outbound_label END,
+                 stopped = t.stopped OR EXCLUDED.stopped
+             WHERE (SELECT o.started FROM one o WHERE o.business_id = EXCLUDED.business_id
+                                                  AND o.session_sid = EXCLUDED.session_sid)
+                OR EXCLUDED.first_at < t.first_at
+                OR (EXCLUDED.stopped AND NOT t.stopped)
              RETURNING t.id, t.business_id, t.session_sid, t.segments_pruned),
          s AS (
              SELECT id, business_id, session_sid, segments_pruned FROM up
@@ -426,9 +501,15 @@ pub(super) async fn write_segments(
            FROM s",
     )
     .bind(&businesses)
-    .bind(&sessions)
+    .bind(&sids)
     .bind(&calls)
     .bind(&ats)
+    .bind(&started)
+    .bind(&inbound)
+    .bind(&outbound_labels)
+    .bind(&stopped)
+    .bind(&g_businesses)
+    .bind(&g_sids)
     .bind(&seqs)
     .bind(&outbound)
     .bind(&texts)
@@ -436,18 +517,11 @@ pub(super) async fn write_segments(
     .bind(&sent)
     .fetch_all(&mut *tx)
     .await?;
-    let kept: HashMap<(i32, &str), (i64, bool, HashSet<i64>)> = rows
-        .iter()
-        .map(|(b, sid, id, pruned, inserted)| ((*b, sid.as_str()), (*id, *pruned, inserted.iter().copied().collect())))
-        .collect();
-    for (business, _, e, _) in &segments {
-        let Some((id, pruned, inserted)) = kept.get(&(business.0, e.session_sid.as_str())) else { continue };
-        let state = if *pruned {
-            SessionState::Pruned
-        } else {
-            SessionState::Kept { id: *id, segment_inserted: inserted.contains(&e.sequence_id) }
-        };
-        writes.segments.0.entry((business.0, e.session_sid.clone(), e.sequence_id)).or_insert(state);
+    for (business, session_sid, id, pruned, inserted) in rows {
+        for seq in inserted {
+            writes.sessions.inserted.insert((business, session_sid.clone(), seq));
+        }
+        writes.sessions.sessions.insert((business, session_sid), (id, pruned));
     }
     Ok(())
 }
