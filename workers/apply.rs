@@ -46,6 +46,17 @@ pub async fn apply_all<A: Applier>(
     }
 }
 
+/// How a batch's transaction begins. Every statement of a batch reads and writes
+/// only the rows its events name: each joins the batch's keys (an `unnest` of at
+/// most `BATCH_SIZE` rows) to a table by its primary key or an index, so the
+/// right plan probes the index once per key. The planner, costing for pages read
+/// from disk, chose a hash join over a sequential scan of the whole table for up
+/// to a few thousand rows (the calls' lock, their writes, the sessions: measured
+/// on 3,000 calls, 1.55 ms against 0.54 ms for a batch of 20), and a scan costs
+/// more as the table grows. Hash and merge joins are off for these transactions
+/// only; the same round trip as a plain `BEGIN` (one simple query).
+const BEGIN_BATCH: &str = "BEGIN; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+
 /// The fast path: the whole batch's keys are claimed in one statement, then
 /// each new event is applied; per-call writes and inbox outcomes are gathered
 /// ([`Deferred`]) and sent once per call and once per batch before the commit.
@@ -53,7 +64,7 @@ async fn apply_in_one_transaction<A: Applier>(ctx: &WorkerContext, items: &[Item
     // An event left for later too often makes its batch wait for the locks it needs.
     let wait = items.iter().any(|i| i.deferrals >= super::consumer::MOST_DEFERRALS);
     let mut conn = ctx.pool.acquire().await?;
-    let mut tx = conn.begin().await?;
+    let mut tx = conn.begin_with(BEGIN_BATCH).await?;
     let envs: Vec<&Envelope> = items.iter().filter_map(|i| i.envelope.as_ref().ok()).collect();
     let keyed: Vec<&Envelope> = envs.iter().copied().filter(|env| A::claims_key(env)).collect();
     let mut fresh = inbox::claim_all(&mut tx, &keyed).await?;
@@ -83,7 +94,7 @@ async fn apply_one_by_one<A: Applier>(ctx: &WorkerContext, items: &[Item]) -> Re
     let mut conn = ctx.pool.acquire().await?;
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
-        let mut tx = conn.begin().await?;
+        let mut tx = conn.begin_with(BEGIN_BATCH).await?;
         let mut writes = Deferred::<A>::new(ctx)?;
         let applied = match apply_item(&mut tx, &mut writes, item).await {
             Ok(o) => writes.flush(&mut tx).await.map(|()| o).map_err(ApplyError::from),
