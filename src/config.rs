@@ -204,7 +204,7 @@ impl Config {
             db_statement_timeout: env.duration("DATABASE_STATEMENT_TIMEOUT", "10s")?,
             prefetch: env.positive("PREFETCH", 200)?,
             batch_size: env.positive("BATCH_SIZE", 100)?,
-            batch_wait: env.duration("BATCH_WAIT", "50ms")?,
+            batch_wait: env.duration("BATCH_WAIT", "200ms")?,
             worker_concurrency: env.at_most("WORKER_CONCURRENCY", 4, 64)?,
             retry_delays: env.duration_list("RETRY_DELAYS", "5s,30s,2m,10m,1h")?,
             shutdown_grace: env.duration("SHUTDOWN_GRACE", "20s")?,
@@ -556,7 +556,7 @@ mod tests {
         let cfg = Config::from_vars(&vars(&[])).unwrap();
         assert_eq!(
             (cfg.publish_pack, cfg.publish_wait, cfg.batch_wait),
-            (64, Duration::from_millis(5), Duration::from_millis(50))
+            (64, Duration::from_millis(5), Duration::from_millis(200))
         );
         let cfg = Config::from_vars(&vars(&[("PUBLISH_PACK", "1"), ("PUBLISH_WAIT", "2ms")])).unwrap();
         assert_eq!((cfg.publish_pack, cfg.publish_wait), (1, Duration::from_millis(2)));

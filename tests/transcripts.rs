@@ -281,7 +281,7 @@ async fn segments_that_share_a_batch_end_as_if_each_came_alone() {
     events.push(content(GT_B, 2, 31, "inbound_track", "One more thing."));
     events.push(content(GT_B, 3, 32, "outbound_track", "Sure."));
     events.push(rt(GT_B, 4, 33, "transcription-stopped", &[]));
-    // Enough for one batch (16) without waiting: 12 events here, 17 with five more retries.
+    // One batch: 17 events with five more retries, all posted within BATCH_WAIT.
     for i in 0..5 {
         events.push(events[i].clone());
     }
