@@ -19,8 +19,14 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// A test service that may post to the local receiver.
 async fn spawn() -> TestApp {
+    spawn_with(&[]).await
+}
+
+/// The app with notices allowed to the test's loopback receivers, and these settings.
+async fn spawn_with(settings: &[(&str, &str)]) -> TestApp {
     TestApp::spawn_with(|v| {
         v.insert("NOTIFY_ALLOW_PRIVATE_NETWORKS".into(), "true".into());
+        v.extend(settings.iter().map(|(k, val)| (k.to_string(), val.to_string())));
     })
     .await
 }
@@ -398,11 +404,7 @@ async fn a_notify_url_on_a_private_address_is_refused_and_parked_with_the_reason
 
 #[tokio::test]
 async fn a_hanging_receiver_delays_neither_applying_events_nor_other_businesses_notices() {
-    let app = TestApp::spawn_with(|v| {
-        v.insert("NOTIFY_ALLOW_PRIVATE_NETWORKS".into(), "true".into());
-        v.insert("NOTIFY_TIMEOUT".into(), "60s".into());
-    })
-    .await;
+    let app = spawn_with(&[("NOTIFY_TIMEOUT", "60s")]).await;
     let slow = Receiver::start(SECRET).await;
     let fast = Receiver::start(SECRET).await;
     slow.script("slow", (0..40).map(|_| Reply::Hang(Duration::from_secs(60))));
@@ -519,11 +521,7 @@ fn realtime(call: &str, seq: u32, event: &str, extra: &[(&str, &str)]) -> Vec<(S
 /// batch, read when the batch's writes are flushed.
 #[tokio::test]
 async fn a_real_time_session_that_starts_speaks_and_stops_in_one_batch_is_noticed_with_its_text() {
-    let app = TestApp::spawn_with(|v| {
-        v.insert("NOTIFY_ALLOW_PRIVATE_NETWORKS".into(), "true".into());
-        v.insert("BATCH_WAIT".into(), "2s".into());
-    })
-    .await;
+    let app = spawn_with(&[("BATCH_WAIT", "2s")]).await;
     let r = Receiver::start(SECRET).await;
     let (b, _) = business(&app, &r.url("rt"), Some(json!(["call.transcript_ready"]))).await;
     let call = call_sid(4);
