@@ -183,7 +183,7 @@ async fn lane<A: Applier>(
 /// of the batch size (50 by default). Measured at 1,000 requests/s (realistic
 /// order, README "Runs with fuller batches"): with 16 and 50 ms a lane committed
 /// ~12 events at a time and Postgres spent 533–679 µs an event; with 50 and
-/// 200 ms, 171–182 µs.
+/// 200 ms, 180 µs (171–182 with 64 and 200 ms).
 pub fn company(batch_size: usize) -> usize {
     (batch_size / 2).max(1)
 }
